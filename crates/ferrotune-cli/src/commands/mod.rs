@@ -1,0 +1,22 @@
+//! One module per subcommand, plus the few helpers they share.
+
+pub mod chat_template;
+pub mod init_model;
+pub mod inspect;
+pub mod score;
+
+use candle_core::Device;
+
+/// The device commands compute on: CUDA 0 when built with the `cuda` feature and a GPU is
+/// present, else the CPU.
+pub fn device() -> anyhow::Result<Device> {
+    Ok(Device::cuda_if_available(0)?)
+}
+
+/// Prints one JSON object on stdout (the `--json` contract).
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string(value).expect("serialisable JSON")
+    );
+}

@@ -1,0 +1,49 @@
+//! The `ferrotune` command line: one file per subcommand under `commands/`. Results for machines
+//! go to stdout (one JSON object with `--json`); logs go to stderr.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "Post-training for small decoder LLMs: SFT, DPO, reward models, GenRM verifiers, sampling."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Per-token log-probabilities of a text file under a model.
+    Score(commands::score::Args),
+    /// Render messages with a model's chat template, exactly.
+    ChatTemplate(commands::chat_template::Args),
+    /// Write a randomly initialised model directory from a config.json and a tokenizer.
+    InitModel(commands::init_model::Args),
+    /// Describe a model directory: architecture, size, dtype, vocabulary, template.
+    Inspect(commands::inspect::Args),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Score(a) => commands::score::run(a),
+        Command::ChatTemplate(a) => commands::chat_template::run(a),
+        Command::InitModel(a) => commands::init_model::run(a),
+        Command::Inspect(a) => commands::inspect::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,415 @@
+//! The Llama-family decoder (Llama, Qwen2 = Llama + qkv bias) over HF-named weights.
+//!
+//! Two paths share the same weights:
+//! - [`Decoder::forward`]: the whole sequence at once, causal + padding mask, built only from
+//!   differentiable ops (training, scoring);
+//! - [`Decoder::forward_step`]: new tokens against an external [`KvCache`], with fused
+//!   inference kernels (sampling). The cache lives outside the model, so one model serves many
+//!   concurrent caches.
+//!
+//! The decoder knows nothing about tokenization or chat templates.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{Head, ModelConfig};
+use super::kv_cache::KvCache;
+use super::ops;
+use super::params::parameter_specs;
+use super::rope::Rope;
+use crate::error::{Error, Result};
+
+/// A large negative additive bias for masked attention scores. Finite (not -inf) so that a
+/// query row whose keys are all masked (a padding position) gives a uniform row, not NaN.
+const MASKED: f32 = -1e9;
+
+struct Attention {
+    q: (Tensor, Option<Tensor>),
+    k: (Tensor, Option<Tensor>),
+    v: (Tensor, Option<Tensor>),
+    o: (Tensor, Option<Tensor>),
+}
+
+struct Mlp {
+    gate: (Tensor, Option<Tensor>),
+    up: (Tensor, Option<Tensor>),
+    down: (Tensor, Option<Tensor>),
+}
+
+struct Layer {
+    input_norm: Tensor,
+    attention: Attention,
+    post_attention_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// Which positions' logits `forward_step` computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    /// Only the last position of each row: [B, V]. What sampling needs.
+    Last,
+    /// Every new position: [B, T, V].
+    All,
+}
+
+pub struct Decoder {
+    config: ModelConfig,
+    params: BTreeMap<String, Tensor>,
+    embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// The output projection: `lm_head.weight`, the embedding when tied, or `score.weight`.
+    head: Tensor,
+    rope: Rope,
+}
+
+fn linear(x: &Tensor, p: &(Tensor, Option<Tensor>)) -> Result<Tensor> {
+    ops::linear(x, &p.0, p.1.as_ref())
+}
+
+impl Decoder {
+    /// Builds the decoder from HF-named tensors, checking every name and shape.
+    /// `source` names the checkpoint in errors. Extra tensors (e.g. old `rotary_emb.inv_freq`
+    /// buffers, or `lm_head.weight` of a tied model) are ignored.
+    pub fn new(
+        config: ModelConfig,
+        mut tensors: BTreeMap<String, Tensor>,
+        source: &Path,
+    ) -> Result<Self> {
+        let mut params = BTreeMap::new();
+        for spec in parameter_specs(&config) {
+            let t = tensors.remove(&spec.name).ok_or_else(|| {
+                Error::file(
+                    source,
+                    format!(
+                        "tensor `{}` is missing (expected shape {:?})",
+                        spec.name, spec.shape
+                    ),
+                )
+            })?;
+            if t.dims() != spec.shape.as_slice() {
+                return Err(Error::file(
+                    source,
+                    format!(
+                        "tensor `{}` has shape {:?} but config.json implies {:?}",
+                        spec.name,
+                        t.dims(),
+                        spec.shape
+                    ),
+                ));
+            }
+            params.insert(spec.name, t);
+        }
+        Self::from_params(config, params)
+    }
+
+    /// Builds from an already validated parameter map (e.g. the optimizer's variables).
+    pub fn from_params(config: ModelConfig, params: BTreeMap<String, Tensor>) -> Result<Self> {
+        let get = |name: &str| -> Result<Tensor> {
+            params
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::invalid(format!("parameter `{name}` missing")))
+        };
+        let get_opt = |name: &str| params.get(name).cloned();
+        let proj = |prefix: &str| -> Result<(Tensor, Option<Tensor>)> {
+            Ok((
+                get(&format!("{prefix}.weight"))?,
+                get_opt(&format!("{prefix}.bias")),
+            ))
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                input_norm: get(&format!("{p}.input_layernorm.weight"))?,
+                attention: Attention {
+                    q: proj(&format!("{p}.self_attn.q_proj"))?,
+                    k: proj(&format!("{p}.self_attn.k_proj"))?,
+                    v: proj(&format!("{p}.self_attn.v_proj"))?,
+                    o: proj(&format!("{p}.self_attn.o_proj"))?,
+                },
+                post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Mlp {
+                    gate: proj(&format!("{p}.mlp.gate_proj"))?,
+                    up: proj(&format!("{p}.mlp.up_proj"))?,
+                    down: proj(&format!("{p}.mlp.down_proj"))?,
+                },
+            });
+        }
+        let embed_tokens = get("model.embed_tokens.weight")?;
+        let head = match config.head {
+            Head::SequenceClassification => get("score.weight")?,
+            Head::CausalLm if config.tie_word_embeddings => embed_tokens.clone(),
+            Head::CausalLm => get("lm_head.weight")?,
+        };
+        Ok(Decoder {
+            rope: Rope::new(&config),
+            norm: get("model.norm.weight")?,
+            embed_tokens,
+            layers,
+            head,
+            params,
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The parameters by HF name (tied weights appear once).
+    pub fn params(&self) -> &BTreeMap<String, Tensor> {
+        &self.params
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    /// The output projection: [V, H] for a causal LM, [num_labels, H] for a classifier.
+    pub fn head_weight(&self) -> &Tensor {
+        &self.head
+    }
+
+    fn check_ids(&self, input_ids: &Tensor) -> Result<()> {
+        let max = input_ids
+            .max_all()?
+            .to_dtype(DType::U32)?
+            .to_scalar::<u32>()? as usize;
+        if max >= self.config.vocab_size {
+            return Err(Error::invalid(format!(
+                "token id {max} is outside the model's vocabulary of {} entries",
+                self.config.vocab_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        self.check_ids(input_ids)?;
+        let flat = input_ids.flatten_all()?;
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Final-norm hidden states for a whole sequence, [B, T, H].
+    ///
+    /// `attention_mask` ([B, T], 1 = real token, 0 = padding) hides padded keys; position ids
+    /// are `0..T` for every row, as transformers uses when called without explicit positions
+    /// (right padding keeps real tokens at their true positions).
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::invalid(format!(
+                "sequence of {t} tokens exceeds max_position_embeddings = {}",
+                self.config.max_position_embeddings
+            )));
+        }
+        let device = input_ids.device();
+        let dtype = self.dtype();
+        let positions: Vec<Vec<u32>> = vec![(0..t as u32).collect(); b];
+        let (cos, sin) = self.rope.cos_sin(&positions, dtype, device)?;
+        let key_valid: Vec<Vec<bool>> = match attention_mask {
+            Some(m) => m
+                .to_dtype(DType::U32)?
+                .to_vec2::<u32>()?
+                .into_iter()
+                .map(|row| row.into_iter().map(|x| x != 0).collect())
+                .collect(),
+            None => vec![vec![true; t]; b],
+        };
+        let mask = additive_mask(&key_valid, t, 0, dtype, device)?;
+        let mut x = self.embed(input_ids)?;
+        for layer in &self.layers {
+            let normed = ops::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
+            let attn = self.attend(&q, &k, &v, &mask, false)?;
+            x = (x + linear(&attn, &layer.attention.o)?)?;
+            let normed = ops::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            x = (x + self.mlp(&layer.mlp, &normed)?)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// Logits for a whole sequence, [B, T, V] (or [B, T, num_labels] for a classifier).
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        ops::linear(&hidden, &self.head, None)
+    }
+
+    /// Runs new tokens `input_ids` [B, T] against `cache` and appends their keys and values.
+    ///
+    /// `step_mask` ([B][T]) marks real tokens; a 0 marks padding (e.g. left padding of a
+    /// shorter prompt in the prefill), which no later token attends to and which does not
+    /// advance that row's position. Each row's positions continue from the cache's count.
+    pub fn forward_step(
+        &self,
+        input_ids: &Tensor,
+        step_mask: Option<&[Vec<bool>]>,
+        cache: &mut KvCache,
+        logits_at: LogitsAt,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if cache.batch_size() != b {
+            return Err(Error::invalid(format!(
+                "KV cache holds {} rows but the step has {b}",
+                cache.batch_size()
+            )));
+        }
+        let device = input_ids.device();
+        let dtype = self.dtype();
+        let all_real;
+        let step_mask = match step_mask {
+            Some(m) => m,
+            None => {
+                all_real = vec![vec![true; t]; b];
+                &all_real
+            }
+        };
+        let positions = cache.next_positions(step_mask);
+        if let Some(&max) = positions.iter().flatten().max() {
+            if max as usize >= self.config.max_position_embeddings {
+                return Err(Error::invalid(format!(
+                    "position {max} exceeds max_position_embeddings = {}",
+                    self.config.max_position_embeddings
+                )));
+            }
+        }
+        let (cos, sin) = self.rope.cos_sin(&positions, dtype, device)?;
+        let past = cache.len();
+        cache.reserve(past + t, dtype, device)?;
+        cache.push_validity(step_mask);
+        let mask = additive_mask(cache.key_valid(), t, past, dtype, device)?;
+        let mut x = self.embed(input_ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let normed = ops::fast::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
+            let (k_all, v_all) = cache.append(i, &k, &v, past)?;
+            let attn = self.attend(&q, &k_all, &v_all, &mask, true)?;
+            x = (x + linear(&attn, &layer.attention.o)?)?;
+            let normed =
+                ops::fast::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            x = (x + self.mlp(&layer.mlp, &normed)?)?;
+        }
+        cache.advance(t, step_mask);
+        let x = match logits_at {
+            LogitsAt::Last => x.narrow(1, t - 1, 1)?,
+            LogitsAt::All => x,
+        };
+        let hidden = ops::fast::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
+        let logits = ops::linear(&hidden, &self.head, None)?;
+        Ok(match logits_at {
+            LogitsAt::Last => logits.squeeze(1)?,
+            LogitsAt::All => logits,
+        })
+    }
+
+    /// q, k, v projected, split into heads and rotated: q [B, H, T, D], k/v [B, KV, T, D].
+    fn qkv(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let c = &self.config;
+        let heads = |p: &(Tensor, Option<Tensor>), n: usize| -> Result<Tensor> {
+            Ok(linear(x, p)?
+                .reshape((b, t, n, c.head_dim))?
+                .transpose(1, 2)?)
+        };
+        let q = ops::apply_rotary(&heads(&a.q, c.num_attention_heads)?, cos, sin)?;
+        let k = ops::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
+        let v = heads(&a.v, c.num_key_value_heads)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// Scaled dot-product attention with grouped KV heads. Query heads are folded into the KV
+    /// head they share ([B, KV, groups·T, D]) so keys and values are never repeated in memory;
+    /// query head h reads KV head h / groups, as transformers' `repeat_kv` arranges it.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, h, t, d) = q.dims4()?;
+        let kv = c.num_key_value_heads;
+        let groups = h / kv;
+        let s = k.dim(2)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let q = q.contiguous()?.reshape((b, kv, groups * t, d))?;
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, h, t, s))?
+            .broadcast_add(mask)?;
+        let probs = if fused {
+            ops::fast::softmax_last_dim(&scores)?
+        } else {
+            ops::softmax_last_dim(&scores)?
+        };
+        let out = probs.reshape((b, kv, groups * t, s))?.matmul(v)?;
+        Ok(out
+            .reshape((b, h, t, d))?
+            .transpose(1, 2)?
+            .reshape((b, t, h * d))?)
+    }
+
+    fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
+        let gate = linear(x, &m.gate)?.silu()?;
+        let up = linear(x, &m.up)?;
+        linear(&(gate * up)?, &m.down)
+    }
+}
+
+/// Additive attention bias [B, 1, T, S] for `T` queries at cache slots `past..past+T` over all
+/// `S = past + T` keys: a key is visible when it is a real token and not in the future.
+fn additive_mask(
+    key_valid: &[Vec<bool>],
+    t: usize,
+    past: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let b = key_valid.len();
+    let s = past + t;
+    let mut data = Vec::with_capacity(b * t * s);
+    for row in key_valid {
+        for i in 0..t {
+            for (j, &valid) in row.iter().enumerate().take(s) {
+                data.push(if valid && j <= past + i { 0f32 } else { MASKED });
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, t, s), device)?.to_dtype(dtype)?)
+}
+
+/// Picks each row's value at its last real token: `hidden` [B, T, X], `attention_mask` [B][T].
+/// Used by sequence-classification heads (reward models read the last non-pad token).
+pub fn gather_last_token(values: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+    let (b, t, _) = values.dims3()?;
+    let index: Vec<u32> = lengths
+        .iter()
+        .enumerate()
+        .map(|(row, &len)| (row * t + len.max(1) - 1) as u32)
+        .collect();
+    let index = Tensor::from_vec(index, b, values.device())?;
+    Ok(values.flatten_to(1)?.index_select(&index, 0)?)
+}

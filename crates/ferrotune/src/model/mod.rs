@@ -1,0 +1,15 @@
+//! The model: HF config, the Llama-family decoder, rotary embeddings, the KV cache,
+//! differentiable ops and random initialisation.
+
+pub mod config;
+pub mod decoder;
+pub mod init;
+pub mod kv_cache;
+pub mod ops;
+pub mod params;
+pub mod rope;
+
+pub use config::{Family, Head, ModelConfig, RopeScaling};
+pub use decoder::{Decoder, LogitsAt};
+pub use kv_cache::KvCache;
+pub use params::{num_parameters, parameter_specs, ParamKind, ParamSpec};
