@@ -8,5 +8,6 @@
 pub mod error;
 pub mod io;
 pub mod model;
+pub mod objectives;
 
 pub use error::{Error, Result};

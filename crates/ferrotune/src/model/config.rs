@@ -340,12 +340,14 @@ fn parse_rope(raw: &Value, path: &Path) -> Result<(f64, RopeScaling)> {
             high_freq_factor: number("high_freq_factor")?,
             original_max_position_embeddings: number("original_max_position_embeddings")?,
         },
-        other => return Err(Error::file(
-            path,
-            format!(
+        other => {
+            return Err(Error::file(
+                path,
+                format!(
                 "rope scaling type `{other}` is not supported (supported: default, linear, llama3)"
             ),
-        )),
+            ))
+        }
     };
     Ok((theta, rule))
 }

@@ -5,6 +5,7 @@ mod chat_templates;
 mod checkpoints;
 mod gradients;
 mod kv_cache;
+mod losses;
 mod parity;
 
 use std::path::PathBuf;
