@@ -4,6 +4,7 @@
 mod commands;
 
 use clap::{Parser, Subcommand};
+use ferrotune::train::Objective;
 
 #[derive(Parser)]
 #[command(
@@ -26,6 +27,19 @@ enum Command {
     InitModel(commands::init_model::Args),
     /// Describe a model directory: architecture, size, dtype, vocabulary, template.
     Inspect(commands::inspect::Args),
+    /// Language-model pretraining on plain text (all tokens are targets, packed sequences).
+    Pretrain(commands::train::Args),
+    /// Supervised fine-tuning on chats (loss on assistant turns only).
+    Sft(commands::train::Args),
+    /// Direct Preference Optimization on preference pairs.
+    Dpo(commands::train::Args),
+    /// Train a Bradley–Terry reward model on preference pairs.
+    Rm(commands::train::Args),
+    /// Score rows with a reward model (pairwise accuracy for preference data).
+    Reward(commands::reward::Args),
+    /// Time the training step or batched decoding on random tokens.
+    #[command(subcommand)]
+    Bench(commands::bench::Command),
 }
 
 fn main() {
@@ -41,6 +55,12 @@ fn main() {
         Command::ChatTemplate(a) => commands::chat_template::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Pretrain(a) => commands::train::run(a, Objective::Pretrain),
+        Command::Sft(a) => commands::train::run(a, Objective::Sft),
+        Command::Dpo(a) => commands::train::run(a, Objective::Dpo),
+        Command::Rm(a) => commands::train::run(a, Objective::Rm),
+        Command::Reward(a) => commands::reward::run(a),
+        Command::Bench(c) => commands::bench::run(c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

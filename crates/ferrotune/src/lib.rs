@@ -5,9 +5,12 @@
 //! inference. It reads and writes the HF layouts (safetensors, `tokenizer.json`, chat templates)
 //! so that models move freely between ferrotune and transformers.
 
+pub mod data;
 pub mod error;
+pub mod infer;
 pub mod io;
 pub mod model;
 pub mod objectives;
+pub mod train;
 
 pub use error::{Error, Result};

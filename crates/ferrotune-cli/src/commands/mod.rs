@@ -1,9 +1,12 @@
 //! One module per subcommand, plus the few helpers they share.
 
+pub mod bench;
 pub mod chat_template;
 pub mod init_model;
 pub mod inspect;
+pub mod reward;
 pub mod score;
+pub mod train;
 
 use candle_core::Device;
 

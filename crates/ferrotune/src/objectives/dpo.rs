@@ -4,6 +4,7 @@
 //! - sigmoid: `−log σ(βh)`; with label smoothing ε (cDPO): `−(1−ε) log σ(βh) − ε log σ(−βh)`;
 //! - IPO: `(h − 1/(2β))²` with each log-ratio divided by its completion's token count (TRL's
 //!   IPO averages over tokens; sigmoid uses sums).
+//!
 //! Rewards as TRL logs them, from the SUMMED log-probs whatever the loss:
 //! `rewards/chosen = β (log π(y_w) − log π_ref(y_w))`, likewise rejected.
 

@@ -3,6 +3,8 @@
 
 mod chat_templates;
 mod checkpoints;
+mod data;
+mod generation;
 mod gradients;
 mod kv_cache;
 mod losses;

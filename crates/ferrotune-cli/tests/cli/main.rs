@@ -1,13 +1,15 @@
 //! The command-line contracts (CONTRACTS.md): exact outputs other tools rely on.
 
+mod training;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn fixtures() -> PathBuf {
+pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn ferrotune(args: &[&str]) -> Output {
+pub fn ferrotune(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferrotune"))
         .args(args)
         .env("RUST_LOG", "warn")
@@ -15,7 +17,7 @@ fn ferrotune(args: &[&str]) -> Output {
         .expect("run ferrotune")
 }
 
-fn stdout_json(out: &Output) -> serde_json::Value {
+pub fn stdout_json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
         "failed: {}",

@@ -1,0 +1,224 @@
+//! Batched generation over the external KV cache.
+//!
+//! Prompts of different lengths share a batch (left padded in the prefill, so every row's
+//! next token lands in the same cache slot). The K samples of one prompt compute the prompt's
+//! cache once and fork it (prefix sharing). Finished rows are dropped from the batch at once,
+//! so they stop costing compute. Each sample draws from its own generator seeded by (seed,
+//! item, sample index): the same seed gives the same text whatever batch it lands in.
+
+use candle_core::Tensor;
+
+use super::sampler::{sample, sample_rng, SamplingParams};
+use crate::error::{Error, Result};
+use crate::io::Tokenizer;
+use crate::model::{Decoder, KvCache, LogitsAt};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An end-of-sequence token or a stop string.
+    Stop,
+    /// `max_new_tokens` or the context length was reached.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    /// The item index that seeds its sample streams.
+    pub item: u64,
+    /// Number of samples to draw.
+    pub n: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// Position of the prompt in the request list.
+    pub prompt: usize,
+    pub sample_index: usize,
+    /// Generated ids, without the prompt; the stop token is included when one ended it.
+    pub ids: Vec<u32>,
+    pub finish_reason: FinishReason,
+    /// The stop string that ended it, when one did (the text should be cut before it).
+    pub stop_string: Option<String>,
+}
+
+pub struct GenerateOptions<'a> {
+    pub params: SamplingParams,
+    pub seed: u64,
+    /// Token ids that end a sequence (e.g. the tokenizer's eos and end-of-turn ids).
+    pub stop_ids: Vec<u32>,
+    /// Rows (prompts × samples) per batch.
+    pub batch_size: usize,
+    /// Needed for stop strings.
+    pub tokenizer: Option<&'a Tokenizer>,
+}
+
+/// Generates `n` samples for each prompt. Completions come back in (prompt, sample) order.
+pub fn generate(
+    decoder: &Decoder,
+    prompts: &[Prompt],
+    options: &GenerateOptions,
+) -> Result<Vec<Completion>> {
+    let max_positions = decoder.config().max_position_embeddings;
+    for (i, p) in prompts.iter().enumerate() {
+        if p.ids.is_empty() {
+            return Err(Error::invalid(format!(
+                "prompt {i} is empty: there is no token to continue from"
+            )));
+        }
+        if p.ids.len() >= max_positions {
+            return Err(Error::invalid(format!(
+                "prompt {i} has {} tokens; the model's context is {max_positions}",
+                p.ids.len()
+            )));
+        }
+    }
+    let mut out = Vec::new();
+    // Group prompts so that a group's samples fill about one batch.
+    let mut start = 0;
+    while start < prompts.len() {
+        let mut rows = 0;
+        let mut end = start;
+        while end < prompts.len()
+            && (end == start || rows + prompts[end].n <= options.batch_size.max(1))
+        {
+            rows += prompts[end].n;
+            end += 1;
+        }
+        out.extend(generate_group(
+            decoder,
+            &prompts[start..end],
+            start,
+            options,
+        )?);
+        start = end;
+    }
+    Ok(out)
+}
+
+struct Row {
+    prompt: usize,
+    sample_index: usize,
+    rng: rand::rngs::StdRng,
+    ids: Vec<u32>,
+    prompt_len: usize,
+}
+
+fn generate_group(
+    decoder: &Decoder,
+    prompts: &[Prompt],
+    offset: usize,
+    options: &GenerateOptions,
+) -> Result<Vec<Completion>> {
+    let device = decoder.device().clone();
+    let max_positions = decoder.config().max_position_embeddings;
+    let width = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(prompts.len() * width);
+    let mut mask = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let pad = width - p.ids.len();
+        ids.extend(std::iter::repeat_n(0u32, pad));
+        ids.extend_from_slice(&p.ids);
+        mask.push([vec![false; pad], vec![true; p.ids.len()]].concat());
+    }
+    let mut cache = KvCache::new(decoder.config(), prompts.len());
+    let input = Tensor::from_vec(ids, (prompts.len(), width), &device)?;
+    let prompt_logits = decoder
+        .forward_step(&input, Some(&mask), &mut cache, LogitsAt::Last)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
+
+    // Fork each prompt's cache into its samples.
+    let mut fork = Vec::new();
+    let mut rows = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        for s in 0..p.n {
+            fork.push(i);
+            rows.push(Row {
+                prompt: offset + i,
+                sample_index: s,
+                rng: sample_rng(options.seed, p.item, s as u64),
+                ids: Vec::new(),
+                prompt_len: p.ids.len(),
+            });
+        }
+    }
+    let mut cache = cache.select_rows(&fork)?;
+    let mut logits: Vec<Vec<f32>> = fork.iter().map(|&i| prompt_logits[i].clone()).collect();
+    let mut done: Vec<Completion> = Vec::new();
+    let params = &options.params;
+    loop {
+        // Sample one token for every active row and decide who finished.
+        let mut keep = Vec::with_capacity(rows.len());
+        let mut next_tokens = Vec::with_capacity(rows.len());
+        for (r, row) in rows.iter_mut().enumerate() {
+            let token = sample(&logits[r], params, &mut row.rng);
+            row.ids.push(token);
+            let mut finish = None;
+            let mut stop_string = None;
+            if options.stop_ids.contains(&token) {
+                finish = Some(FinishReason::Stop);
+            } else if !params.stop_strings.is_empty() {
+                if let Some(tok) = options.tokenizer {
+                    let text = tok.decode(&row.ids, false)?;
+                    if let Some(s) = params
+                        .stop_strings
+                        .iter()
+                        .find(|s| text.contains(s.as_str()))
+                    {
+                        finish = Some(FinishReason::Stop);
+                        stop_string = Some(s.clone());
+                    }
+                }
+            }
+            if finish.is_none()
+                && (row.ids.len() >= params.max_new_tokens
+                    || row.prompt_len + row.ids.len() >= max_positions)
+            {
+                finish = Some(FinishReason::Length);
+            }
+            match finish {
+                Some(reason) => done.push(Completion {
+                    prompt: row.prompt,
+                    sample_index: row.sample_index,
+                    ids: std::mem::take(&mut row.ids),
+                    finish_reason: reason,
+                    stop_string,
+                }),
+                None => {
+                    keep.push(r);
+                    next_tokens.push(token);
+                }
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() < rows.len() {
+            cache = cache.select_rows(&keep)?;
+            let mut kept_rows = Vec::with_capacity(keep.len());
+            for (r, row) in rows.into_iter().enumerate() {
+                if keep.binary_search(&r).is_ok() {
+                    kept_rows.push(row);
+                }
+            }
+            rows = kept_rows;
+        }
+        let input = Tensor::from_vec(next_tokens, (rows.len(), 1), &device)?;
+        logits = decoder
+            .forward_step(&input, None, &mut cache, LogitsAt::Last)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2::<f32>()?;
+    }
+    done.sort_by_key(|c| (c.prompt, c.sample_index));
+    Ok(done)
+}

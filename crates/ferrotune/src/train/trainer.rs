@@ -1,0 +1,805 @@
+//! The one training loop. It dispatches on the objective for the loss of a micro-batch and
+//! for evaluation; everything else (accumulation, clipping, AdamW, schedule, logging,
+//! checkpoints, resume) is shared.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::checkpoint::{load_checkpoint_state, save_checkpoint, TrainerState};
+use super::config::{Objective, TrainConfig};
+use super::metrics::MetricsWriter;
+use super::optimizer::{clip_grad_norm, global_grad_norm, AdamW};
+use super::schedule::lr_multiplier;
+use crate::data::{TokenizedPair, TokenizedSequence};
+use crate::error::{Error, Result};
+use crate::io::checkpoint::parse_dtype;
+use crate::io::save_model;
+use crate::model::decoder::gather_last_token;
+use crate::model::{parameter_specs, Decoder, ModelConfig};
+use crate::objectives::dpo::{dpo_loss, DpoParams};
+use crate::objectives::reward::bradley_terry_loss;
+use crate::objectives::sequence_logprobs;
+use crate::objectives::sft::token_loss_sums;
+
+/// The examples of one split, tokenized.
+#[derive(Clone)]
+pub enum Examples {
+    Sequences(Vec<TokenizedSequence>),
+    /// Pairs, with the reference log-probs (chosen, rejected) once computed (DPO).
+    Pairs(Vec<TokenizedPair>),
+}
+
+impl Examples {
+    pub fn len(&self) -> usize {
+        match self {
+            Examples::Sequences(s) => s.len(),
+            Examples::Pairs(p) => p.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn length(&self, i: usize) -> usize {
+        match self {
+            Examples::Sequences(s) => s[i].input_ids.len(),
+            Examples::Pairs(p) => p[i]
+                .chosen
+                .input_ids
+                .len()
+                .max(p[i].rejected.input_ids.len()),
+        }
+    }
+}
+
+/// What a run needs besides its config: the tokenized splits, where the tokenizer files are
+/// (copied into every saved model) and the pad id.
+pub struct TrainInputs {
+    pub train: Examples,
+    pub eval: Examples,
+    pub tokenizer_dir: PathBuf,
+    pub pad_id: u32,
+}
+
+pub struct RunSummary {
+    pub run_dir: PathBuf,
+    pub final_dir: Option<PathBuf>,
+    pub steps: usize,
+    /// (step, loss) of every train log row.
+    pub train_losses: Vec<(usize, f64)>,
+    /// The last evaluation's metrics.
+    pub eval_metrics: Vec<(String, f64)>,
+}
+
+/// Padded tensors of a micro-batch: [N, T] ids, attention mask and target mask.
+struct Padded {
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    targets: Tensor,
+    lengths: Vec<usize>,
+    real_tokens: usize,
+}
+
+fn pad(seqs: &[&TokenizedSequence], pad_id: u32, device: &Device) -> Result<Padded> {
+    let t = seqs
+        .iter()
+        .map(|s| s.input_ids.len())
+        .max()
+        .unwrap_or(1)
+        .max(2);
+    let n = seqs.len();
+    let mut ids = Vec::with_capacity(n * t);
+    let mut mask = Vec::with_capacity(n * t);
+    let mut targets = Vec::with_capacity(n * t);
+    for s in seqs {
+        let len = s.input_ids.len();
+        ids.extend_from_slice(&s.input_ids);
+        ids.extend(std::iter::repeat_n(pad_id, t - len));
+        mask.extend(std::iter::repeat_n(1u32, len));
+        mask.extend(std::iter::repeat_n(0u32, t - len));
+        targets.extend(s.targets.iter().map(|&b| if b { 1f32 } else { 0.0 }));
+        targets.extend(std::iter::repeat_n(0f32, t - len));
+    }
+    Ok(Padded {
+        input_ids: Tensor::from_vec(ids, (n, t), device)?,
+        attention_mask: Tensor::from_vec(mask, (n, t), device)?,
+        targets: Tensor::from_vec(targets, (n, t), device)?,
+        lengths: seqs.iter().map(|s| s.input_ids.len()).collect(),
+        real_tokens: seqs.iter().map(|s| s.input_ids.len()).sum(),
+    })
+}
+
+/// Micro-batches of one epoch: indices grouped by similar length (sorted within chunks of
+/// 50 batches, so padding stays small) and the batch order shuffled with (seed, epoch).
+fn plan_epoch(examples: &Examples, batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
+    );
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.shuffle(&mut rng);
+    let mut batches = Vec::new();
+    for chunk in order.chunks(batch_size * 50) {
+        let mut chunk = chunk.to_vec();
+        chunk.sort_by_key(|&i| examples.length(i));
+        batches.extend(chunk.chunks(batch_size).map(|c| c.to_vec()));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+/// Per-objective forward results for one micro-batch: a differentiable loss SUM (the caller
+/// divides by the step's count) and metric sums.
+struct MicroResult {
+    loss_sum: Tensor,
+    /// Targets (tokens for SFT, pairs for DPO/RM) in this micro-batch.
+    count: f64,
+    metric_sums: Vec<(&'static str, f64)>,
+    real_tokens: usize,
+}
+
+struct Runner<'a> {
+    config: &'a TrainConfig,
+    objective: Objective,
+    device: Device,
+    pad_id: u32,
+    dpo: DpoParams,
+    /// Reference log-probs per pair (chosen, rejected), by split.
+    reference: BTreeMap<&'static str, Vec<(f32, f32)>>,
+}
+
+impl Runner<'_> {
+    fn count(&self, examples: &Examples, batch: &[usize]) -> f64 {
+        match examples {
+            Examples::Sequences(s) => batch
+                .iter()
+                .map(|&i| s[i].targets.iter().filter(|&&t| t).count() as f64)
+                .sum(),
+            Examples::Pairs(_) => batch.len() as f64,
+        }
+    }
+
+    fn micro(
+        &self,
+        decoder: &Decoder,
+        examples: &Examples,
+        batch: &[usize],
+        split: &'static str,
+    ) -> Result<MicroResult> {
+        match examples {
+            Examples::Sequences(seqs) => {
+                let rows: Vec<&TokenizedSequence> = batch.iter().map(|&i| &seqs[i]).collect();
+                let p = pad(&rows, self.pad_id, &self.device)?;
+                let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
+                let sums = token_loss_sums(&logits, &p.input_ids, &p.targets)?;
+                Ok(MicroResult {
+                    loss_sum: sums.nll_sum,
+                    count: sums.num_targets,
+                    metric_sums: vec![("token_accuracy", sums.num_correct)],
+                    real_tokens: p.real_tokens,
+                })
+            }
+            Examples::Pairs(pairs) => {
+                // Chosen rows first, then rejected: one forward over 2B rows (TRL's
+                // concatenated forward).
+                let rows: Vec<&TokenizedSequence> = batch
+                    .iter()
+                    .map(|&i| &pairs[i].chosen)
+                    .chain(batch.iter().map(|&i| &pairs[i].rejected))
+                    .collect();
+                let p = pad(&rows, self.pad_id, &self.device)?;
+                let b = batch.len();
+                match self.objective {
+                    Objective::Rm => {
+                        let hidden =
+                            decoder.forward_hidden(&p.input_ids, Some(&p.attention_mask))?;
+                        let last = gather_last_token(&hidden, &p.lengths)?;
+                        let scores = crate::model::ops::linear(&last, decoder.head_weight(), None)?
+                            .squeeze(1)?;
+                        let chosen = scores.narrow(0, 0, b)?;
+                        let rejected = scores.narrow(0, b, b)?;
+                        let losses = bradley_terry_loss(&chosen, &rejected)?;
+                        let margin = (&chosen - &rejected)?.detach();
+                        let correct = margin
+                            .gt(0f64)?
+                            .to_dtype(DType::F32)?
+                            .sum_all()?
+                            .to_scalar::<f32>()? as f64;
+                        let margin_sum = margin.sum_all()?.to_scalar::<f32>()? as f64;
+                        Ok(MicroResult {
+                            loss_sum: losses.sum_all()?,
+                            count: b as f64,
+                            metric_sums: vec![("accuracy", correct), ("margin", margin_sum)],
+                            real_tokens: p.real_tokens,
+                        })
+                    }
+                    _ => {
+                        let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
+                        let logps = sequence_logprobs(&logits, &p.input_ids, &p.targets)?;
+                        let reference = &self.reference[split];
+                        let ref_c: Vec<f32> = batch.iter().map(|&i| reference[i].0).collect();
+                        let ref_r: Vec<f32> = batch.iter().map(|&i| reference[i].1).collect();
+                        let counts: Vec<f32> = rows
+                            .iter()
+                            .map(|s| s.targets.iter().filter(|&&t| t).count().max(1) as f32)
+                            .collect();
+                        let counts = Tensor::new(counts.as_slice(), &self.device)?;
+                        let chosen = logps.narrow(0, 0, b)?;
+                        let rejected = logps.narrow(0, b, b)?;
+                        let out = dpo_loss(
+                            &chosen,
+                            &rejected,
+                            &Tensor::new(ref_c.as_slice(), &self.device)?,
+                            &Tensor::new(ref_r.as_slice(), &self.device)?,
+                            Some((&counts.narrow(0, 0, b)?, &counts.narrow(0, b, b)?)),
+                            self.dpo,
+                        )?;
+                        let sum = |t: &Tensor| -> Result<f64> {
+                            Ok(t.sum_all()?.to_scalar::<f32>()? as f64)
+                        };
+                        let margins = (&out.chosen_rewards - &out.rejected_rewards)?;
+                        let accuracies = margins.gt(0f64)?.to_dtype(DType::F32)?;
+                        Ok(MicroResult {
+                            loss_sum: out.losses.sum_all()?,
+                            count: b as f64,
+                            metric_sums: vec![
+                                ("rewards/chosen", sum(&out.chosen_rewards)?),
+                                ("rewards/rejected", sum(&out.rejected_rewards)?),
+                                ("rewards/accuracies", sum(&accuracies)?),
+                                ("rewards/margins", sum(&margins)?),
+                                ("logps/chosen", sum(&chosen.detach())?),
+                                ("logps/rejected", sum(&rejected.detach())?),
+                            ],
+                            real_tokens: p.real_tokens,
+                        })
+                    }
+                }
+            }
+        }
+    }
+
+    /// Metrics over a whole split: token metrics weighted by target tokens, pair metrics
+    /// averaged over pairs. `limit` caps the number of batches (sanity validation).
+    fn evaluate(
+        &self,
+        decoder: &Decoder,
+        examples: &Examples,
+        split: &'static str,
+        limit: Option<usize>,
+    ) -> Result<Vec<(String, f64)>> {
+        let batch_size = self
+            .config
+            .eval_batch_size
+            .unwrap_or(self.config.batch_size);
+        let batches = plan_epoch(examples, batch_size, self.config.seed, 0);
+        let mut loss = 0f64;
+        let mut count = 0f64;
+        let mut sums: Vec<(&'static str, f64)> = Vec::new();
+        for batch in batches.iter().take(limit.unwrap_or(usize::MAX)) {
+            let r = self.micro(decoder, examples, batch, split)?;
+            loss += r.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            count += r.count;
+            if sums.is_empty() {
+                sums = r.metric_sums.iter().map(|(n, _)| (*n, 0.0)).collect();
+            }
+            for (acc, (_, v)) in sums.iter_mut().zip(&r.metric_sums) {
+                acc.1 += v;
+            }
+        }
+        let count = count.max(1.0);
+        let mean_loss = loss / count;
+        let mut out = vec![("loss".to_string(), mean_loss)];
+        if matches!(self.objective, Objective::Sft | Objective::Pretrain) {
+            out.push(("perplexity".to_string(), mean_loss.exp()));
+        }
+        out.extend(sums.into_iter().map(|(n, v)| (n.to_string(), v / count)));
+        Ok(out)
+    }
+}
+
+/// Turns a causal-LM config into the matching `*ForSequenceClassification` with one label
+/// (a Bradley–Terry reward head), as transformers' `AutoModelForSequenceClassification` would.
+pub fn reward_model_config(config: &ModelConfig, pad_id: u32) -> Result<ModelConfig> {
+    let mut raw = config.raw.clone();
+    let arch = config
+        .architecture
+        .replace("ForCausalLM", "ForSequenceClassification");
+    raw["architectures"] = serde_json::json!([arch]);
+    raw["num_labels"] = 1.into();
+    raw["id2label"] = serde_json::json!({"0": "LABEL_0"});
+    raw["label2id"] = serde_json::json!({"LABEL_0": 0});
+    raw["pad_token_id"] = pad_id.into();
+    ModelConfig::from_value(raw, Path::new("config.json"))
+}
+
+fn load_start(config: &TrainConfig, dir: &Path, pad_id: u32, device: &Device) -> Result<Decoder> {
+    let model_config = crate::io::model_dir::load_config(dir)?;
+    if config.objective != Objective::Rm
+        || model_config.head == crate::model::Head::SequenceClassification
+    {
+        return Ok(crate::io::load_model(dir, DType::F32, device)?.decoder);
+    }
+    // A reward model starts from a causal LM: its lm_head is dropped and a fresh score head
+    // (N(0, initializer_range²), seeded) is added, as AutoModelForSequenceClassification does.
+    let mut tensors = crate::io::checkpoint::load_tensors(dir, DType::F32, device)?;
+    let rm_config = reward_model_config(&model_config, pad_id)?;
+    let std = model_config
+        .raw
+        .get("initializer_range")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.02) as f32;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(config.seed);
+    let data = crate::model::init::normal_samples(&mut rng, model_config.hidden_size, std);
+    tensors.insert(
+        "score.weight".into(),
+        Tensor::from_vec(data, (1, model_config.hidden_size), device)?,
+    );
+    tensors.remove("lm_head.weight");
+    Decoder::new(rm_config, tensors, dir)
+}
+
+/// Reference log-probs of every pair under the reference model, computed once before training
+/// and cached in the run directory (the reference model is then dropped from memory).
+fn reference_logprobs(
+    config: &TrainConfig,
+    inputs: &TrainInputs,
+    run_dir: &Path,
+    device: &Device,
+) -> Result<BTreeMap<&'static str, Vec<(f32, f32)>>> {
+    let cache_path = run_dir.join("reference_logps.json");
+    let counts = (inputs.train.len(), inputs.eval.len());
+    if cache_path.exists() {
+        let cached = crate::error::read_json(&cache_path)?;
+        let get = |k: &str| -> Option<Vec<(f32, f32)>> {
+            serde_json::from_value(cached.get(k)?.clone()).ok()
+        };
+        if let (Some(train), Some(eval)) = (get("train"), get("eval")) {
+            if (train.len(), eval.len()) == counts {
+                tracing::info!(
+                    "reusing cached reference log-probs from {}",
+                    cache_path.display()
+                );
+                return Ok(BTreeMap::from([("train", train), ("eval", eval)]));
+            }
+        }
+    }
+    let ref_dir = config
+        .ref_model
+        .clone()
+        .unwrap_or_else(|| config.model.clone());
+    tracing::info!("computing reference log-probs with {}", ref_dir.display());
+    let reference = crate::io::load_model(&ref_dir, DType::F32, device)?.decoder;
+    let mut out = BTreeMap::new();
+    for (split, examples) in [("train", &inputs.train), ("eval", &inputs.eval)] {
+        let Examples::Pairs(pairs) = examples else {
+            return Err(Error::invalid("DPO needs preference pairs"));
+        };
+        let mut logps = vec![(0f32, 0f32); pairs.len()];
+        let batch_size = config.eval_batch_size.unwrap_or(config.batch_size);
+        let indices: Vec<usize> = (0..pairs.len()).collect();
+        for batch in indices.chunks(batch_size) {
+            let rows: Vec<&TokenizedSequence> = batch
+                .iter()
+                .map(|&i| &pairs[i].chosen)
+                .chain(batch.iter().map(|&i| &pairs[i].rejected))
+                .collect();
+            let p = pad(&rows, inputs.pad_id, device)?;
+            let logits = reference.forward(&p.input_ids, Some(&p.attention_mask))?;
+            let lp = sequence_logprobs(&logits, &p.input_ids, &p.targets)?.to_vec1::<f32>()?;
+            for (j, &i) in batch.iter().enumerate() {
+                logps[i] = (lp[j], lp[batch.len() + j]);
+            }
+        }
+        out.insert(split, logps);
+    }
+    let json =
+        serde_json::json!({"reference_model": ref_dir, "train": out["train"], "eval": out["eval"]});
+    crate::io::checkpoint::write_atomic(&cache_path, json.to_string().as_bytes())?;
+    Ok(out)
+}
+
+fn compute_decoder(
+    config: &ModelConfig,
+    vars: &BTreeMap<String, Var>,
+    dtype: DType,
+) -> Result<Decoder> {
+    let mut params = BTreeMap::new();
+    for (name, var) in vars {
+        // The cast is part of the graph, so gradients reach the f32 master weights.
+        let t = if dtype == DType::F32 {
+            var.as_tensor().clone()
+        } else {
+            var.as_tensor().to_dtype(dtype)?
+        };
+        params.insert(name.clone(), t);
+    }
+    Decoder::from_params(config.clone(), params)
+}
+
+/// Master weights, optimizer and the objective's step: what one optimizer step needs. Shared
+/// Master weights, optimizer and the objective's step: what one optimizer step needs. Shared
+/// by `run` and the benchmark command, so the benchmark times the real step.
+pub struct StepEngine<'a> {
+    runner: Runner<'a>,
+    model_config: ModelConfig,
+    vars: BTreeMap<String, Var>,
+    decays: BTreeMap<String, bool>,
+    optimizer: AdamW,
+    dtype: DType,
+}
+
+/// What one optimizer step did.
+pub struct StepOutput {
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Objective metrics averaged over the step's targets or pairs.
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Real (non-pad) tokens processed.
+    pub tokens: usize,
+    pub samples: usize,
+}
+
+impl<'a> StepEngine<'a> {
+    fn new(runner: Runner<'a>, decoder: Decoder, dtype: DType) -> Result<Self> {
+        let config = runner.config;
+        let model_config = decoder.config().clone();
+        let vars: BTreeMap<String, Var> = decoder
+            .params()
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
+            .collect::<Result<_>>()?;
+        let decays = parameter_specs(&model_config)
+            .into_iter()
+            .map(|s| (s.name, s.kind.decays()))
+            .collect();
+        let optimizer = AdamW::new(
+            config.adam_beta1,
+            config.adam_beta2,
+            config.adam_epsilon,
+            config.weight_decay,
+        );
+        Ok(StepEngine {
+            runner,
+            model_config,
+            vars,
+            decays,
+            optimizer,
+            dtype,
+        })
+    }
+
+    /// The model over the current master weights, computing in `dtype`.
+    pub fn decoder(&self, dtype: DType) -> Result<Decoder> {
+        compute_decoder(&self.model_config, &self.vars, dtype)
+    }
+
+    /// Forward + backward over `micro_batches` (loss normalised over all of them), global-norm
+    /// clipping and one AdamW update at `lr`. A non-finite loss or gradient is an error and
+    /// leaves the weights untouched.
+    pub fn step(
+        &mut self,
+        examples: &Examples,
+        micro_batches: &[Vec<usize>],
+        lr: f64,
+    ) -> Result<StepOutput> {
+        let step_count: f64 = micro_batches
+            .iter()
+            .map(|b| self.runner.count(examples, b))
+            .sum::<f64>()
+            .max(1.0);
+        let decoder = self.decoder(self.dtype)?;
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss_value = 0f64;
+        let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
+        let mut tokens = 0usize;
+        let mut samples = 0usize;
+        for batch in micro_batches {
+            let r = self.runner.micro(&decoder, examples, batch, "train")?;
+            let loss = (r.loss_sum / step_count)?;
+            loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = loss.backward()?;
+            for (name, var) in &self.vars {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let g = g.to_dtype(DType::F32)?;
+                    let sum = match grads.remove(name) {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    };
+                    grads.insert(name.clone(), sum);
+                }
+            }
+            if metric_sums.is_empty() {
+                metric_sums = r.metric_sums.iter().map(|(n, _)| (*n, 0.0)).collect();
+            }
+            for (acc, (_, v)) in metric_sums.iter_mut().zip(&r.metric_sums) {
+                acc.1 += v;
+            }
+            tokens += r.real_tokens;
+            samples += batch.len();
+        }
+        drop(decoder);
+        let grad_norm = global_grad_norm(&grads)?;
+        if !loss_value.is_finite() || !grad_norm.is_finite() {
+            return Err(Error::invalid(format!(
+                "non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {}",
+                self.optimizer.step + 1
+            )));
+        }
+        clip_grad_norm(&mut grads, grad_norm, self.runner.config.max_grad_norm)?;
+        let decays = &self.decays;
+        self.optimizer.update(&self.vars, &grads, lr, |n| {
+            decays.get(n).copied().unwrap_or(false)
+        })?;
+        Ok(StepOutput {
+            loss: loss_value,
+            grad_norm,
+            metrics: metric_sums
+                .into_iter()
+                .map(|(n, v)| (n, v / step_count))
+                .collect(),
+            tokens,
+            samples,
+        })
+    }
+}
+
+/// Times `steps` optimizer steps (after `warmup` untimed ones) of `config.objective` on the
+/// first `config.batch_size` examples; returns each step's seconds. DPO uses zero reference
+/// log-probs (the reference pass is not part of a step).
+pub fn time_steps(
+    config: &TrainConfig,
+    decoder: Decoder,
+    examples: &Examples,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<f64>> {
+    let device = decoder.device().clone();
+    let dtype = parse_dtype(&config.precision)?;
+    let reference = BTreeMap::from([("train", vec![(0f32, 0f32); examples.len()])]);
+    let runner = Runner {
+        config,
+        objective: config.objective,
+        device,
+        pad_id: 0,
+        dpo: DpoParams {
+            beta: config.beta,
+            label_smoothing: config.label_smoothing,
+            loss_type: config.loss_type,
+        },
+        reference,
+    };
+    let mut engine = StepEngine::new(runner, decoder, dtype)?;
+    let batch: Vec<usize> = (0..config.batch_size.min(examples.len())).collect();
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let started = Instant::now();
+        engine.step(examples, std::slice::from_ref(&batch), 1e-5)?;
+        if i >= warmup {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(times)
+}
+
+fn log_eval(
+    metrics: &mut MetricsWriter,
+    step: usize,
+    epoch: usize,
+    eval: &[(String, f64)],
+) -> Result<()> {
+    let refs: Vec<(&str, f64)> = eval.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+    metrics.log(step, "eval", epoch, &refs)
+}
+
+/// Runs training (or evaluation only) as configured.
+pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
+    let run_dir = config.run_dir();
+    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+    crate::io::checkpoint::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
+    let device = Device::cuda_if_available(0)?;
+    let dtype = parse_dtype(&config.precision)?;
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(Error::invalid(
+            "--precision bf16 needs a CUDA build: candle's CPU matmul has no bf16 kernel (use f32 or f16)",
+        ));
+    }
+    if inputs.train.is_empty() && !config.eval_only {
+        return Err(Error::invalid(
+            "no training examples left after selection and truncation",
+        ));
+    }
+
+    let resume = config.resume_from_checkpoint.clone();
+    let start_dir = resume.clone().unwrap_or_else(|| config.model.clone());
+    let decoder = load_start(config, &start_dir, inputs.pad_id, &device)?;
+    let reference = if config.objective == Objective::Dpo {
+        reference_logprobs(config, &inputs, &run_dir, &device)?
+    } else {
+        BTreeMap::new()
+    };
+    let runner = Runner {
+        config,
+        objective: config.objective,
+        device: device.clone(),
+        pad_id: inputs.pad_id,
+        dpo: DpoParams {
+            beta: config.beta,
+            label_smoothing: config.label_smoothing,
+            loss_type: config.loss_type,
+        },
+        reference,
+    };
+
+    if config.eval_only {
+        let mut metrics = MetricsWriter::open(&run_dir, None)?;
+        let eval = runner.evaluate(&decoder, &inputs.eval, "eval", None)?;
+        log_eval(&mut metrics, 0, 0, &eval)?;
+        return Ok(RunSummary {
+            run_dir,
+            final_dir: None,
+            steps: 0,
+            train_losses: vec![],
+            eval_metrics: eval,
+        });
+    }
+
+    let mut engine = StepEngine::new(runner, decoder, dtype)?;
+    let mut state = TrainerState {
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        samples_seen: 0,
+        seed: config.seed,
+        objective: config.objective.name().into(),
+    };
+    if let Some(dir) = &resume {
+        state = load_checkpoint_state(dir, &mut engine.optimizer, &device)?;
+        if state.objective != config.objective.name() {
+            return Err(Error::file(
+                dir,
+                format!(
+                    "checkpoint is from a `{}` run, not `{}`",
+                    state.objective,
+                    config.objective.name()
+                ),
+            ));
+        }
+        tracing::info!("resumed from {} at step {}", dir.display(), state.step);
+    }
+    let mut metrics = MetricsWriter::open(&run_dir, resume.as_ref().map(|_| state.step))?;
+
+    let micro_per_step = config.accumulate_grad_batches;
+    let batches_per_epoch = plan_epoch(&inputs.train, config.batch_size, config.seed, 0).len();
+    let total_steps = config
+        .max_steps
+        .unwrap_or((batches_per_epoch * config.max_epochs).div_ceil(micro_per_step))
+        .max(1);
+    let warmup = if config.warmup_steps > 0 {
+        config.warmup_steps
+    } else {
+        (config.warmup_ratio * total_steps as f64).ceil() as usize
+    };
+    let lr_peak = config.learning_rate();
+
+    if state.step == 0 && config.num_sanity_val_steps > 0 && !inputs.eval.is_empty() {
+        let d = engine.decoder(dtype)?;
+        let sanity =
+            engine
+                .runner
+                .evaluate(&d, &inputs.eval, "eval", Some(config.num_sanity_val_steps))?;
+        tracing::info!("sanity validation: {sanity:?}");
+    }
+
+    let progress = indicatif::ProgressBar::new(total_steps as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    progress.set_position(state.step as u64);
+
+    let mut plan = plan_epoch(&inputs.train, config.batch_size, config.seed, state.epoch);
+    let mut train_losses = Vec::new();
+    let mut eval_metrics = Vec::new();
+    let mut evaluated_at = None;
+    let mut last_checkpoint: Option<PathBuf> = None;
+    while state.step < total_steps {
+        let started = Instant::now();
+        // Gather this step's micro-batches, crossing into the next epoch when one ends.
+        let mut micro_batches = Vec::with_capacity(micro_per_step);
+        while micro_batches.len() < micro_per_step {
+            if state.batch_in_epoch >= plan.len() {
+                state.epoch += 1;
+                state.batch_in_epoch = 0;
+                plan = plan_epoch(&inputs.train, config.batch_size, config.seed, state.epoch);
+            }
+            micro_batches.push(plan[state.batch_in_epoch].clone());
+            state.batch_in_epoch += 1;
+        }
+        let lr = lr_peak * lr_multiplier(config.lr_scheduler, state.step, warmup, total_steps);
+        let out = engine
+            .step(&inputs.train, &micro_batches, lr)
+            .map_err(|e| {
+                let kept = last_checkpoint
+                    .as_ref()
+                    .map_or("none".to_string(), |p| p.display().to_string());
+                Error::invalid(format!("{e}; last good checkpoint: {kept}"))
+            })?;
+        state.samples_seen += out.samples;
+        state.step += 1;
+        let seconds = started.elapsed().as_secs_f64();
+        let tokens_per_s = out.tokens as f64 / seconds;
+        train_losses.push((state.step, out.loss));
+        progress.set_position(state.step as u64);
+        progress.set_message(format!("loss {:.4} · {tokens_per_s:.0} tok/s", out.loss));
+        if state.step.is_multiple_of(config.log_every_n_steps.max(1)) || state.step == total_steps {
+            let mut row: Vec<(&str, f64)> = vec![
+                ("loss", out.loss),
+                ("learning_rate", lr),
+                ("grad_norm", out.grad_norm),
+                ("tokens_per_s", tokens_per_s),
+            ];
+            if !matches!(config.objective, Objective::Sft | Objective::Pretrain) {
+                row.extend(out.metrics.iter().copied());
+            }
+            metrics.log(state.step, "train", state.epoch, &row)?;
+        }
+        let epoch_boundary = state.batch_in_epoch >= plan.len();
+        let by_steps = config
+            .val_check_interval
+            .is_some_and(|n| n > 0 && state.step.is_multiple_of(n));
+        let by_epoch = epoch_boundary
+            && config
+                .check_val_every_n_epoch
+                .is_some_and(|n| n > 0 && (state.epoch + 1).is_multiple_of(n));
+        if (by_steps || by_epoch) && !inputs.eval.is_empty() {
+            let d = engine.decoder(dtype)?;
+            eval_metrics = engine.runner.evaluate(&d, &inputs.eval, "eval", None)?;
+            log_eval(&mut metrics, state.step, state.epoch, &eval_metrics)?;
+            evaluated_at = Some(state.step);
+        }
+        if config
+            .checkpoint_frequency
+            .is_some_and(|n| n > 0 && state.step.is_multiple_of(n))
+        {
+            let d = engine.decoder(DType::F32)?;
+            last_checkpoint = Some(save_checkpoint(
+                &run_dir,
+                &d,
+                &inputs.tokenizer_dir,
+                &engine.optimizer,
+                &state,
+                config.ckpt_to_keep,
+            )?);
+        }
+    }
+    progress.finish_and_clear();
+    let final_decoder = engine.decoder(DType::F32)?;
+    if evaluated_at != Some(state.step) && !inputs.eval.is_empty() {
+        eval_metrics = engine
+            .runner
+            .evaluate(&final_decoder, &inputs.eval, "eval", None)?;
+        log_eval(&mut metrics, state.step, state.epoch, &eval_metrics)?;
+    }
+    let final_dir = run_dir.join("final");
+    save_model(
+        &final_decoder,
+        Some(&inputs.tokenizer_dir),
+        &final_dir,
+        DType::F32,
+    )?;
+    Ok(RunSummary {
+        run_dir,
+        final_dir: Some(final_dir),
+        steps: state.step,
+        train_losses,
+        eval_metrics,
+    })
+}
