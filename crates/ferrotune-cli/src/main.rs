@@ -27,6 +27,9 @@ enum Command {
     InitModel(commands::init_model::Args),
     /// Describe a model directory: architecture, size, dtype, vocabulary, template.
     Inspect(commands::inspect::Args),
+    /// Read, validate and describe datasets.
+    #[command(subcommand)]
+    Data(commands::data::Command),
     /// Language-model pretraining on plain text (all tokens are targets, packed sequences).
     Pretrain(commands::train::Args),
     /// Supervised fine-tuning on chats (loss on assistant turns only).
@@ -55,6 +58,7 @@ fn main() {
         Command::ChatTemplate(a) => commands::chat_template::run(a),
         Command::InitModel(a) => commands::init_model::run(a),
         Command::Inspect(a) => commands::inspect::run(a),
+        Command::Data(c) => commands::data::run(c),
         Command::Pretrain(a) => commands::train::run(a, Objective::Pretrain),
         Command::Sft(a) => commands::train::run(a, Objective::Sft),
         Command::Dpo(a) => commands::train::run(a, Objective::Dpo),

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod chat_template;
+pub mod data;
 pub mod init_model;
 pub mod inspect;
 pub mod reward;

@@ -16,7 +16,7 @@
 //! - `inspect`  — the `ferrotune data inspect` report
 //!
 //! Typical use by a training command:
-//! ```ignore
+//! ```text
 //! let data = load_dataset(&path, &LoadOptions::default())?;
 //! let (train, eval) = select(data.rows, None, &Selection { seed, ..Default::default() })?;
 //! let encoder = Encoder::new(tokenizer)?;

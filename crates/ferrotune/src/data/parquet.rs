@@ -32,7 +32,8 @@ pub struct ParquetRows {
 }
 
 fn parquet_error(path: &Path, e: parquet::errors::ParquetError) -> Error {
-    let message = e.to_string();
+    let full = e.to_string();
+    let message = full.strip_prefix("Parquet error: ").unwrap_or(&full);
     let hint = if message.contains("Disabled feature") || message.contains("codec") {
         " (ferrotune reads parquet compressed with snappy, zstd or uncompressed; rewrite the file with one of those)"
     } else {
@@ -52,13 +53,6 @@ impl ParquetRows {
             row: 0,
             done: false,
         })
-    }
-
-    /// The number of rows the file's footer declares.
-    pub fn num_rows(path: &Path) -> Result<u64> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        let reader = SerializedFileReader::new(file).map_err(|e| parquet_error(path, e))?;
-        Ok(reader.metadata().file_metadata().num_rows().max(0) as u64)
     }
 }
 
