@@ -38,6 +38,12 @@ enum Command {
     Dpo(commands::train::Args),
     /// Train a Bradley–Terry reward model on preference pairs.
     Rm(commands::train::Args),
+    /// Train a GenRM-CoT verifier: L = L_SFT(D_verify) + λ·L_SFT(D_correct).
+    Genrm(commands::train::Args),
+    /// Score solutions with a GenRM verifier (Direct or CoT with adaptive K).
+    Verify(commands::verify::Args),
+    /// Best-of-N: sample N solutions, pick by verifier score (fixed and adaptive K).
+    BestOfN(commands::best_of_n::Args),
     /// Score rows with a reward model (pairwise accuracy for preference data).
     Reward(commands::reward::Args),
     /// Time the training step or batched decoding on random tokens.
@@ -63,6 +69,9 @@ fn main() {
         Command::Sft(a) => commands::train::run(a, Objective::Sft),
         Command::Dpo(a) => commands::train::run(a, Objective::Dpo),
         Command::Rm(a) => commands::train::run(a, Objective::Rm),
+        Command::Genrm(a) => commands::train::run(a, Objective::Genrm),
+        Command::Verify(a) => commands::verify::run(a),
+        Command::BestOfN(a) => commands::best_of_n::run(a),
         Command::Reward(a) => commands::reward::run(a),
         Command::Bench(c) => commands::bench::run(c),
     };

@@ -11,6 +11,7 @@ pub mod infer;
 pub mod io;
 pub mod model;
 pub mod objectives;
+pub mod synth;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -11,6 +11,8 @@ use ferrotune::io::Tokenizer;
 pub enum Command {
     /// Validate a dataset and describe it as one JSON object.
     Inspect(InspectArgs),
+    /// Write the built-in task world (and optionally its tokenizer) into a folder.
+    Synth(super::synth::SynthArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +71,7 @@ fn default_max_length(
 pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Inspect(args) => run_inspect(args),
+        Command::Synth(args) => super::synth::run(args),
     }
 }
 

@@ -1,13 +1,16 @@
 //! One module per subcommand, plus the few helpers they share.
 
 pub mod bench;
+pub mod best_of_n;
 pub mod chat_template;
 pub mod data;
 pub mod init_model;
 pub mod inspect;
 pub mod reward;
 pub mod score;
+pub mod synth;
 pub mod train;
+pub mod verify;
 
 use candle_core::Device;
 

@@ -1,4 +1,4 @@
-//! `ferrotune pretrain|sft|dpo|rm`: the training commands. Flags mirror the seed study's
+//! `ferrotune pretrain|sft|dpo|rm|genrm`: the training commands. Flags mirror the seed study's
 //! scripts; each one overrides the same key of `--config FILE.toml`, and `--set key=value`
 //! reaches every config key. The resolved config is saved as `RUN_DIR/config.toml`.
 
@@ -110,6 +110,12 @@ pub struct Args {
     /// DPO reference model (default: the starting model).
     #[arg(long)]
     ref_model: Option<PathBuf>,
+    /// GenRM: weight λ of the correct-solution term (L = L_verify + λ·L_correct).
+    #[arg(long)]
+    lambda: Option<f64>,
+    /// GenRM: D_correct, correct solutions (genrm `inputs`/`targets`, chat or qa rows).
+    #[arg(long)]
+    correct_data: Option<PathBuf>,
     /// Any config key: --set key=value (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -188,6 +194,8 @@ impl Args {
         put(&mut t, "label_smoothing", self.label_smoothing);
         put(&mut t, "loss_type", self.loss_type.clone());
         put(&mut t, "ref_model", path(&self.ref_model));
+        put(&mut t, "lambda", self.lambda);
+        put(&mut t, "correct_data", path(&self.correct_data));
         let mut overrides = vec![t];
         for s in &self.set {
             overrides.push(parse_set(s)?);

@@ -37,6 +37,9 @@ pub struct Prompt {
     pub item: u64,
     /// Number of samples to draw.
     pub n: usize,
+    /// Index of the first sample: samples `first_sample..first_sample + n` are drawn, each from
+    /// its own (seed, item, index) stream, so a later batch continues an earlier one.
+    pub first_sample: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -145,8 +148,8 @@ fn generate_group(
             fork.push(i);
             rows.push(Row {
                 prompt: offset + i,
-                sample_index: s,
-                rng: sample_rng(options.seed, p.item, s as u64),
+                sample_index: p.first_sample + s,
+                rng: sample_rng(options.seed, p.item, (p.first_sample + s) as u64),
                 ids: Vec::new(),
                 prompt_len: p.ids.len(),
             });

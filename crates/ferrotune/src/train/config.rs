@@ -16,6 +16,7 @@ pub enum Objective {
     Sft,
     Dpo,
     Rm,
+    Genrm,
 }
 
 impl Objective {
@@ -25,6 +26,7 @@ impl Objective {
             Objective::Sft => "sft",
             Objective::Dpo => "dpo",
             Objective::Rm => "rm",
+            Objective::Genrm => "genrm",
         }
     }
 }
@@ -96,6 +98,11 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     pub loss_type: DpoLossType,
     pub ref_model: Option<PathBuf>,
+
+    /// GenRM: weight λ of the correct-solution term, `L = L_verify + λ·L_correct`.
+    pub lambda: f64,
+    /// GenRM: D_correct (correct solutions); `data` is then D_verify.
+    pub correct_data: Option<PathBuf>,
 }
 
 impl Default for TrainConfig {
@@ -145,6 +152,8 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             loss_type: DpoLossType::Sigmoid,
             ref_model: None,
+            lambda: 0.1,
+            correct_data: None,
         }
     }
 }
@@ -216,7 +225,7 @@ impl TrainConfig {
 
     pub fn learning_rate(&self) -> f64 {
         self.lr.unwrap_or(match self.objective {
-            Objective::Pretrain | Objective::Sft => 2e-5,
+            Objective::Pretrain | Objective::Sft | Objective::Genrm => 2e-5,
             Objective::Dpo => 1e-6,
             Objective::Rm => 1e-5,
         })

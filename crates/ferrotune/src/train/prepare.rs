@@ -66,8 +66,26 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
         truncation: config.truncation.parse::<Truncation>()?,
         skip_bad_rows: config.skip_bad_rows,
     };
-    let build = |rows: &[DataRow]| -> Result<Examples> {
+    let correct_rows = match (&config.correct_data, config.objective) {
+        (Some(path), Objective::Genrm) => load_dataset(path, &LoadOptions { schema: None, ..options.clone() })?.rows,
+        (None, Objective::Genrm) => {
+            tracing::warn!("genrm without --correct-data: the λ·L_correct term is empty");
+            Vec::new()
+        }
+        _ => Vec::new(),
+    };
+    // D_correct is split like D_verify: a seeded held-out share for validation.
+    let (correct_train, correct_eval) = if correct_rows.is_empty() {
+        (Vec::new(), Vec::new())
+    } else {
+        select(correct_rows, None, &Selection { sanity_train: false, ..selection(config) })?
+    };
+    let build = |rows: &[DataRow], correct: &[DataRow]| -> Result<Examples> {
         Ok(match config.objective {
+            Objective::Genrm => Examples::Genrm {
+                verify: tokenize_sequences(&encoder, rows, &tokenize)?.0,
+                correct: tokenize_sequences(&encoder, correct, &tokenize)?.0,
+            },
             Objective::Dpo | Objective::Rm => {
                 Examples::Pairs(tokenize_pairs(&encoder, rows, &tokenize)?.0)
             }
@@ -83,13 +101,14 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
             }
         })
     };
-    let train = build(&train_rows)?;
-    let eval = build(&eval_rows)?;
+    let train = build(&train_rows, &correct_train)?;
+    let eval = build(&eval_rows, &correct_eval)?;
     tracing::info!("{} training and {} eval examples", train.len(), eval.len());
     Ok(TrainInputs {
         train,
         eval,
         tokenizer_dir: config.model.clone(),
         pad_id: pad_id(&tokenizer)?,
+        verdict_ids: crate::infer::verify::verdict_ids(&tokenizer).ok(),
     })
 }

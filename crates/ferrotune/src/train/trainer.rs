@@ -23,7 +23,7 @@ use crate::model::decoder::gather_last_token;
 use crate::model::{parameter_specs, Decoder, ModelConfig};
 use crate::objectives::dpo::{dpo_loss, DpoParams};
 use crate::objectives::reward::bradley_terry_loss;
-use crate::objectives::sequence_logprobs;
+use crate::objectives::{sequence_logprobs, token_logprobs};
 use crate::objectives::sft::token_loss_sums;
 
 /// The examples of one split, tokenized.
@@ -32,6 +32,12 @@ pub enum Examples {
     Sequences(Vec<TokenizedSequence>),
     /// Pairs, with the reference log-probs (chosen, rejected) once computed (DPO).
     Pairs(Vec<TokenizedPair>),
+    /// GenRM: verification sequences (D_verify) and correct solutions (D_correct), indexed as
+    /// one list (verify first).
+    Genrm {
+        verify: Vec<TokenizedSequence>,
+        correct: Vec<TokenizedSequence>,
+    },
 }
 
 impl Examples {
@@ -39,6 +45,7 @@ impl Examples {
         match self {
             Examples::Sequences(s) => s.len(),
             Examples::Pairs(p) => p.len(),
+            Examples::Genrm { verify, correct } => verify.len() + correct.len(),
         }
     }
 
@@ -54,7 +61,28 @@ impl Examples {
                 .input_ids
                 .len()
                 .max(p[i].rejected.input_ids.len()),
+            Examples::Genrm { .. } => self.genrm_row(i).0.input_ids.len(),
         }
+    }
+
+    /// Row i of a GenRM set and whether it is a verification row.
+    fn genrm_row(&self, i: usize) -> (&TokenizedSequence, bool) {
+        match self {
+            Examples::Genrm { verify, .. } if i < verify.len() => (&verify[i], true),
+            Examples::Genrm { verify, correct } => (&correct[i - verify.len()], false),
+            _ => unreachable!("genrm_row on a non-GenRM set"),
+        }
+    }
+
+    /// Target tokens of the verify and the correct rows among `batches` (GenRM normalises
+    /// each term over its own targets in the whole step).
+    fn genrm_counts(&self, batches: &[Vec<usize>]) -> [f64; 2] {
+        let mut counts = [0f64; 2];
+        for &i in batches.iter().flatten() {
+            let (row, is_verify) = self.genrm_row(i);
+            counts[usize::from(!is_verify)] += row.targets.iter().filter(|&&t| t).count() as f64;
+        }
+        counts
     }
 }
 
@@ -65,6 +93,8 @@ pub struct TrainInputs {
     pub eval: Examples,
     pub tokenizer_dir: PathBuf,
     pub pad_id: u32,
+    /// First tokens of " Yes" / " No", for GenRM validation.
+    pub verdict_ids: Option<(u32, u32)>,
 }
 
 pub struct RunSummary {
@@ -133,6 +163,13 @@ fn plan_epoch(examples: &Examples, batch_size: usize, seed: u64, epoch: usize) -
     batches
 }
 
+/// The position of the verdict token (the last target that is " Yes" or " No").
+fn verdict_position(row: &TokenizedSequence, yes: u32, no: u32) -> Option<usize> {
+    (1..row.input_ids.len())
+        .rev()
+        .find(|&i| row.targets[i] && (row.input_ids[i] == yes || row.input_ids[i] == no))
+}
+
 /// Per-objective forward results for one micro-batch: a differentiable loss SUM (the caller
 /// divides by the step's count) and metric sums.
 struct MicroResult {
@@ -141,6 +178,8 @@ struct MicroResult {
     count: f64,
     metric_sums: Vec<(&'static str, f64)>,
     real_tokens: usize,
+    /// GenRM validation: (p(Yes), label) of each verify row.
+    verdicts: Vec<(f64, bool)>,
 }
 
 struct Runner<'a> {
@@ -148,6 +187,8 @@ struct Runner<'a> {
     objective: Objective,
     device: Device,
     pad_id: u32,
+    /// The first tokens of " Yes" and " No" (GenRM validation reads p(Yes) there).
+    verdict_ids: Option<(u32, u32)>,
     dpo: DpoParams,
     /// Reference log-probs per pair (chosen, rejected), by split.
     reference: BTreeMap<&'static str, Vec<(f32, f32)>>,
@@ -161,17 +202,66 @@ impl Runner<'_> {
                 .map(|&i| s[i].targets.iter().filter(|&&t| t).count() as f64)
                 .sum(),
             Examples::Pairs(_) => batch.len() as f64,
+            // GenRM micro-batches return losses already normalised per term (see `step_count`).
+            Examples::Genrm { .. } => 0.0,
         }
     }
 
+    /// `genrm_counts`: the step's (or eval set's) target tokens of the verify and correct rows.
     fn micro(
         &self,
         decoder: &Decoder,
         examples: &Examples,
         batch: &[usize],
         split: &'static str,
+        genrm_counts: [f64; 2],
     ) -> Result<MicroResult> {
         match examples {
+            Examples::Genrm { .. } => {
+                let rows: Vec<(&TokenizedSequence, bool)> = batch.iter().map(|&i| examples.genrm_row(i)).collect();
+                let seqs: Vec<&TokenizedSequence> = rows.iter().map(|r| r.0).collect();
+                let p = pad(&seqs, self.pad_id, &self.device)?;
+                let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
+                let logp = token_logprobs(&logits, &p.input_ids)?;
+                // L = mean_tok(verify) + λ·mean_tok(correct): each row's targets weighted by
+                // 1/N_verify or λ/N_correct of the whole step.
+                let lambda = self.config.lambda;
+                let row_weight: Vec<f32> = rows
+                    .iter()
+                    .map(|(_, v)| if *v { 1.0 / genrm_counts[0].max(1.0) } else { lambda / genrm_counts[1].max(1.0) } as f32)
+                    .collect();
+                let row_weight = Tensor::new(row_weight.as_slice(), &self.device)?.unsqueeze(1)?;
+                let weights = p.targets.broadcast_mul(&row_weight)?;
+                let loss = (&logp * &weights)?.sum_all()?.neg()?;
+                // Per-term sums for the metrics (detached).
+                let logp_host = logp.detach().to_vec2::<f32>()?;
+                let mut nll = [0f64; 2];
+                let mut scored = Vec::new();
+                for (r, (row, is_verify)) in rows.iter().enumerate() {
+                    for (t, &target) in row.targets.iter().enumerate() {
+                        if target {
+                            nll[usize::from(!is_verify)] -= logp_host[r][t] as f64;
+                        }
+                    }
+                    if let (true, Some((yes, no))) = (*is_verify, self.verdict_ids) {
+                        if let Some(pos) = verdict_position(row, yes, no) {
+                            let label = row.input_ids[pos] == yes;
+                            let next = logits.get(r)?.get(pos - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                            scored.push((crate::infer::verify::p_yes(&next, yes, no, false), label));
+                        }
+                    }
+                }
+                Ok(MicroResult {
+                    loss_sum: loss,
+                    count: 1.0,
+                    metric_sums: vec![
+                        ("loss_verify", nll[0] / genrm_counts[0].max(1.0)),
+                        ("loss_correct", nll[1] / genrm_counts[1].max(1.0)),
+                    ],
+                    real_tokens: p.real_tokens,
+                    verdicts: scored,
+                })
+            }
             Examples::Sequences(seqs) => {
                 let rows: Vec<&TokenizedSequence> = batch.iter().map(|&i| &seqs[i]).collect();
                 let p = pad(&rows, self.pad_id, &self.device)?;
@@ -182,6 +272,7 @@ impl Runner<'_> {
                     count: sums.num_targets,
                     metric_sums: vec![("token_accuracy", sums.num_correct)],
                     real_tokens: p.real_tokens,
+                    verdicts: Vec::new(),
                 })
             }
             Examples::Pairs(pairs) => {
@@ -216,6 +307,7 @@ impl Runner<'_> {
                             count: b as f64,
                             metric_sums: vec![("accuracy", correct), ("margin", margin_sum)],
                             real_tokens: p.real_tokens,
+                            verdicts: Vec::new(),
                         })
                     }
                     _ => {
@@ -256,6 +348,7 @@ impl Runner<'_> {
                                 ("logps/rejected", sum(&rejected.detach())?),
                             ],
                             real_tokens: p.real_tokens,
+                            verdicts: Vec::new(),
                         })
                     }
                 }
@@ -276,14 +369,19 @@ impl Runner<'_> {
             .config
             .eval_batch_size
             .unwrap_or(self.config.batch_size);
-        let batches = plan_epoch(examples, batch_size, self.config.seed, 0);
+        let mut batches = plan_epoch(examples, batch_size, self.config.seed, 0);
+        batches.truncate(limit.unwrap_or(usize::MAX));
+        let genrm = matches!(examples, Examples::Genrm { .. });
+        let genrm_counts = if genrm { examples.genrm_counts(&batches) } else { [0.0; 2] };
         let mut loss = 0f64;
         let mut count = 0f64;
         let mut sums: Vec<(&'static str, f64)> = Vec::new();
-        for batch in batches.iter().take(limit.unwrap_or(usize::MAX)) {
-            let r = self.micro(decoder, examples, batch, split)?;
+        let mut verdicts = Vec::new();
+        for batch in &batches {
+            let r = self.micro(decoder, examples, batch, split, genrm_counts)?;
             loss += r.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             count += r.count;
+            verdicts.extend(r.verdicts);
             if sums.is_empty() {
                 sums = r.metric_sums.iter().map(|(n, _)| (*n, 0.0)).collect();
             }
@@ -291,13 +389,25 @@ impl Runner<'_> {
                 acc.1 += v;
             }
         }
-        let count = count.max(1.0);
+        // GenRM losses and metric sums are normalised inside `micro` already.
+        let count = if genrm { 1.0 } else { count.max(1.0) };
         let mean_loss = loss / count;
         let mut out = vec![("loss".to_string(), mean_loss)];
         if matches!(self.objective, Objective::Sft | Objective::Pretrain) {
             out.push(("perplexity".to_string(), mean_loss.exp()));
         }
         out.extend(sums.into_iter().map(|(n, v)| (n.to_string(), v / count)));
+        if genrm {
+            // The verifier score metric: mean p(Yes) (teacher-forced rationale) on correct and
+            // on incorrect solutions, and the AUC separating them.
+            let mean = |label: bool| {
+                let v: Vec<f64> = verdicts.iter().filter(|s| s.1 == label).map(|s| s.0).collect();
+                if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+            };
+            out.push(("verifier_score_correct".to_string(), mean(true)));
+            out.push(("verifier_score_incorrect".to_string(), mean(false)));
+            out.push(("verifier_auc".to_string(), crate::infer::verify::auc(&verdicts).unwrap_or(f64::NAN)));
+        }
         Ok(out)
     }
 }
@@ -488,6 +598,11 @@ impl<'a> StepEngine<'a> {
         micro_batches: &[Vec<usize>],
         lr: f64,
     ) -> Result<StepOutput> {
+        let genrm_counts = match examples {
+            Examples::Genrm { .. } => examples.genrm_counts(micro_batches),
+            _ => [0.0; 2],
+        };
+        // GenRM's micro losses come normalised per term; the others are sums over the step.
         let step_count: f64 = micro_batches
             .iter()
             .map(|b| self.runner.count(examples, b))
@@ -500,7 +615,7 @@ impl<'a> StepEngine<'a> {
         let mut tokens = 0usize;
         let mut samples = 0usize;
         for batch in micro_batches {
-            let r = self.runner.micro(&decoder, examples, batch, "train")?;
+            let r = self.runner.micro(&decoder, examples, batch, "train", genrm_counts)?;
             let loss = (r.loss_sum / step_count)?;
             loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = loss.backward()?;
@@ -567,6 +682,7 @@ pub fn time_steps(
         objective: config.objective,
         device,
         pad_id: 0,
+        verdict_ids: None,
         dpo: DpoParams {
             beta: config.beta,
             label_smoothing: config.label_smoothing,
@@ -628,6 +744,7 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         objective: config.objective,
         device: device.clone(),
         pad_id: inputs.pad_id,
+        verdict_ids: inputs.verdict_ids,
         dpo: DpoParams {
             beta: config.beta,
             label_smoothing: config.label_smoothing,
