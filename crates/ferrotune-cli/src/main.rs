@@ -3,6 +3,11 @@
 
 mod commands;
 
+/// mimalloc keeps freed tensor buffers for reuse; glibc's malloc returns every large block to
+/// the OS (mmap/munmap), so each op paid page faults and page zeroing on fresh memory.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::{Parser, Subcommand};
 use ferrotune::train::Objective;
 
@@ -44,6 +49,8 @@ enum Command {
     Verify(commands::verify::Args),
     /// Best-of-N: sample N solutions, pick by verifier score (fixed and adaptive K).
     BestOfN(commands::best_of_n::Args),
+    /// The whole pipeline (pretrain → SFT → DPO → GenRM, RM) on the built-in task world.
+    Quickstart(commands::quickstart::Args),
     /// Score rows with a reward model (pairwise accuracy for preference data).
     Reward(commands::reward::Args),
     /// Time the training step or batched decoding on random tokens.
@@ -72,6 +79,7 @@ fn main() {
         Command::Genrm(a) => commands::train::run(a, Objective::Genrm),
         Command::Verify(a) => commands::verify::run(a),
         Command::BestOfN(a) => commands::best_of_n::run(a),
+        Command::Quickstart(a) => commands::quickstart::run(a),
         Command::Reward(a) => commands::reward::run(a),
         Command::Bench(c) => commands::bench::run(c),
     };

@@ -5,6 +5,7 @@ pub mod best_of_n;
 pub mod chat_template;
 pub mod data;
 pub mod init_model;
+pub mod quickstart;
 pub mod inspect;
 pub mod reward;
 pub mod score;

@@ -1,5 +1,6 @@
 //! The command-line contracts (CONTRACTS.md): exact outputs other tools rely on.
 
+mod genrm;
 mod training;
 
 use std::path::PathBuf;

@@ -56,9 +56,43 @@ pub struct BestOfNReport {
     pub per_problem: Vec<ProblemResult>,
 }
 
+/// One problem's distinct candidates with their fixed-K verdicts (for compute/accuracy curves).
 #[derive(Debug, Clone)]
 pub struct ProblemResult {
-    pub candidates: Vec<(String, Option<f64>, bool, Verdict)>,
+    pub candidates: Vec<Candidate>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub text: String,
+    pub answer: Option<f64>,
+    pub correct: bool,
+    /// How many of the N samples were this text.
+    pub count: usize,
+    /// Index of its first sample (argmax ties go to the earliest sample).
+    pub first_sample: usize,
+    pub verdict: Verdict,
+}
+
+impl ProblemResult {
+    /// Whether picking by `score` (argmax over samples, or summed score per answer) is right.
+    pub fn picks_correctly(&self, score: impl Fn(&Candidate) -> f64, weighted_vote: bool) -> bool {
+        if weighted_vote {
+            let votes: Vec<(Option<f64>, f64)> = self
+                .candidates
+                .iter()
+                .map(|c| (c.answer, score(c) * c.count as f64))
+                .collect();
+            let winner = vote(&votes);
+            self.candidates.iter().any(|c| c.correct && winner.is_some_and(|w| c.answer.is_some_and(|a| crate::data::answers_match(a, w))))
+        } else {
+            let best = self
+                .candidates
+                .iter()
+                .max_by(|a, b| score(a).total_cmp(&score(b)).then(b.first_sample.cmp(&a.first_sample)));
+            best.is_some_and(|c| c.correct)
+        }
+    }
 }
 
 fn mean(xs: impl Iterator<Item = f64>) -> f64 {
@@ -121,6 +155,7 @@ pub fn best_of_n(
             stop_ids: policy_tokenizer.stop_token_ids.clone(),
             batch_size: options.batch_size,
             tokenizer: Some(policy_tokenizer),
+            capture_after_stop: None,
         },
     )?;
     let policy_tokens: usize = completions.iter().map(|c| c.ids.len()).sum();
@@ -183,7 +218,14 @@ pub fn best_of_n(
                 let answer = extract_answer(text);
                 let correct = same(answer, *reference);
                 scored.push((fixed[d].score, correct));
-                candidates.push((text.clone(), answer, correct, fixed[d].clone()));
+                candidates.push(Candidate {
+                    text: text.clone(),
+                    answer,
+                    correct,
+                    count: samples[p].iter().filter(|t| *t == text).count(),
+                    first_sample: samples[p].iter().position(|t| t == text).unwrap_or(0),
+                    verdict: fixed[d].clone(),
+                });
             }
         }
         per_problem.push(ProblemResult { candidates });

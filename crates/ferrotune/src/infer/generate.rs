@@ -52,6 +52,9 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     /// The stop string that ended it, when one did (the text should be cut before it).
     pub stop_string: Option<String>,
+    /// With `GenerateOptions::capture_after_stop`: the next-token probabilities (T = 1) of
+    /// those ids right after the stop string.
+    pub captured: Option<Vec<f64>>,
 }
 
 pub struct GenerateOptions<'a> {
@@ -63,6 +66,10 @@ pub struct GenerateOptions<'a> {
     pub batch_size: usize,
     /// Needed for stop strings.
     pub tokenizer: Option<&'a Tokenizer>,
+    /// When a stop string ends a row, run one more step for it and record the next-token
+    /// probabilities of these ids (a GenRM rationale ending at its verdict question gets
+    /// p(Yes)/p(No) this way, without a second pass over the whole text).
+    pub capture_after_stop: Option<Vec<u32>>,
 }
 
 /// Generates `n` samples for each prompt. Completions come back in (prompt, sample) order.
@@ -114,6 +121,8 @@ struct Row {
     rng: rand::rngs::StdRng,
     ids: Vec<u32>,
     prompt_len: usize,
+    /// Ended by this stop string; waiting for one more step to capture the next logits.
+    capturing: Option<String>,
 }
 
 fn generate_group(
@@ -152,6 +161,7 @@ fn generate_group(
                 rng: sample_rng(options.seed, p.item, (p.first_sample + s) as u64),
                 ids: Vec::new(),
                 prompt_len: p.ids.len(),
+                capturing: None,
             });
         }
     }
@@ -159,11 +169,26 @@ fn generate_group(
     let mut logits: Vec<Vec<f32>> = fork.iter().map(|&i| prompt_logits[i].clone()).collect();
     let mut done: Vec<Completion> = Vec::new();
     let params = &options.params;
+    // Tokens enough to spell the longest stop string (a token is at least one byte), plus one.
+    let stop_window = params.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
     loop {
         // Sample one token for every active row and decide who finished.
         let mut keep = Vec::with_capacity(rows.len());
         let mut next_tokens = Vec::with_capacity(rows.len());
         for (r, row) in rows.iter_mut().enumerate() {
+            if let Some(stop) = row.capturing.take() {
+                let probs = super::sampler::probabilities(&logits[r], 1.0);
+                let ids = options.capture_after_stop.as_deref().unwrap_or(&[]);
+                done.push(Completion {
+                    prompt: row.prompt,
+                    sample_index: row.sample_index,
+                    ids: std::mem::take(&mut row.ids),
+                    finish_reason: FinishReason::Stop,
+                    stop_string: Some(stop),
+                    captured: Some(ids.iter().map(|&i| probs[i as usize]).collect()),
+                });
+                continue;
+            }
             let token = sample(&logits[r], params, &mut row.rng);
             row.ids.push(token);
             let mut finish = None;
@@ -172,7 +197,10 @@ fn generate_group(
                 finish = Some(FinishReason::Stop);
             } else if !params.stop_strings.is_empty() {
                 if let Some(tok) = options.tokenizer {
-                    let text = tok.decode(&row.ids, false)?;
+                    // Only the tail can hold a stop string that this token completed; decoding
+                    // the whole completion every step would cost O(length²).
+                    let window = row.ids.len().saturating_sub(stop_window);
+                    let text = tok.decode(&row.ids[window..], false)?;
                     if let Some(s) = params
                         .stop_strings
                         .iter()
@@ -189,6 +217,14 @@ fn generate_group(
             {
                 finish = Some(FinishReason::Length);
             }
+            let room = row.prompt_len + row.ids.len() < max_positions;
+            if let (Some(stop), true, true) = (&stop_string, options.capture_after_stop.is_some(), room) {
+                // Keep the row one more step to read the distribution after the stop string.
+                row.capturing = Some(stop.clone());
+                keep.push(r);
+                next_tokens.push(token);
+                continue;
+            }
             match finish {
                 Some(reason) => done.push(Completion {
                     prompt: row.prompt,
@@ -196,6 +232,7 @@ fn generate_group(
                     ids: std::mem::take(&mut row.ids),
                     finish_reason: reason,
                     stop_string,
+                    captured: None,
                 }),
                 None => {
                     keep.push(r);

@@ -313,6 +313,7 @@ pub fn verify_items(
         stop_ids: tokenizer.stop_token_ids.clone(),
         batch_size: options.batch_size,
         tokenizer: Some(tokenizer),
+        capture_after_stop: Some(vec![yes, no]),
     };
     while !active.is_empty() {
         let batch: Vec<Prompt> = active
@@ -324,11 +325,19 @@ pub fn verify_items(
             })
             .collect();
         let completions = generate(decoder, &batch, &gen_options)?;
-        // Close every rationale at the verdict question, then read p(Yes) after it.
-        let mut reads = Vec::with_capacity(completions.len());
-        for c in &completions {
+        // A rationale that reached the verdict question carries p(Yes)/p(No) from the step
+        // after it; the others are closed with the question and read in one batched pass.
+        let mut reads = Vec::new();
+        let mut read_rows = Vec::new();
+        let mut values: Vec<Option<f64>> = vec![None; completions.len()];
+        for (j, c) in completions.iter().enumerate() {
             let item = active[c.prompt];
             tokens[item].push(c.ids.len());
+            if let Some(probs) = &c.captured {
+                let (y, n) = (probs[0], probs[1]);
+                values[j] = Some(if options.raw_p_yes { y } else if y + n > 0.0 { y / (y + n) } else { 0.5 });
+                continue;
+            }
             let mut ids = prompts[item].clone();
             let mut rationale = c.ids.clone();
             let reached_question = c.stop_string.is_some();
@@ -341,10 +350,14 @@ pub fn verify_items(
             }
             ids.truncate(max_positions);
             reads.push(ids);
+            read_rows.push(j);
         }
         let logits = last_logits(decoder, &reads, options.batch_size)?;
-        for (c, l) in completions.iter().zip(&logits) {
-            p_values[active[c.prompt]].push(p_yes(l, yes, no, options.raw_p_yes));
+        for (&j, l) in read_rows.iter().zip(&logits) {
+            values[j] = Some(p_yes(l, yes, no, options.raw_p_yes));
+        }
+        for (c, v) in completions.iter().zip(values) {
+            p_values[active[c.prompt]].push(v.expect("every rationale was read"));
         }
         active.retain(|&i| !should_stop(&p_values[i], options.k_max, options.var_threshold));
     }

@@ -161,14 +161,17 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Builds the config from an optional TOML file and override tables (later wins).
     pub fn resolve(file: Option<&Path>, overrides: &[toml::Table]) -> Result<Self> {
-        let mut table = match file {
-            Some(path) => {
-                let text = crate::error::read_to_string(path)?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| Error::file(path, format!("invalid TOML: {e}")))?
-            }
-            None => toml::Table::new(),
-        };
+        match file {
+            Some(path) => Self::resolve_str(&crate::error::read_to_string(path)?, path, overrides),
+            None => Self::resolve_str("", Path::new("(no config file)"), overrides),
+        }
+    }
+
+    /// As [`TrainConfig::resolve`] from TOML text; `source` names it in errors.
+    pub fn resolve_str(text: &str, source: &Path, overrides: &[toml::Table]) -> Result<Self> {
+        let mut table = text
+            .parse::<toml::Table>()
+            .map_err(|e| Error::file(source, format!("invalid TOML: {e}")))?;
         for o in overrides {
             for (k, v) in o {
                 table.insert(k.clone(), v.clone());

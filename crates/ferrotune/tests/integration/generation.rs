@@ -35,6 +35,7 @@ fn batched_greedy_equals_full_forward_argmax() {
         ids,
         item: i as u64,
         n: 1,
+        first_sample: 0,
     })
     .collect();
     let options = GenerateOptions {
@@ -43,6 +44,7 @@ fn batched_greedy_equals_full_forward_argmax() {
         stop_ids: vec![],
         batch_size: 8,
         tokenizer: None,
+        capture_after_stop: None,
     };
     let out = generate(&model.decoder, &prompts, &options).unwrap();
     assert_eq!(out.len(), 3);
@@ -68,6 +70,7 @@ fn seeded_samples_do_not_depend_on_the_batch() {
         stop_ids: vec![499],
         batch_size,
         tokenizer: None,
+        capture_after_stop: None,
     };
     let alone = generate(
         &model.decoder,
@@ -75,6 +78,7 @@ fn seeded_samples_do_not_depend_on_the_batch() {
             ids: vec![3, 4, 5],
             item: 7,
             n: 4,
+            first_sample: 0,
         }],
         &mk(8),
     )
@@ -84,11 +88,13 @@ fn seeded_samples_do_not_depend_on_the_batch() {
             ids: vec![100, 101, 102, 103, 104],
             item: 1,
             n: 3,
+            first_sample: 0,
         },
         Prompt {
             ids: vec![3, 4, 5],
             item: 7,
             n: 4,
+            first_sample: 0,
         },
     ];
     let together = generate(&model.decoder, &crowd, &mk(3)).unwrap();
@@ -104,6 +110,7 @@ fn seeded_samples_do_not_depend_on_the_batch() {
             ids: vec![3, 4, 5],
             item: 7,
             n: 2,
+            first_sample: 0,
         }],
         &mk(8),
     )
@@ -123,6 +130,7 @@ fn empty_and_overlong_prompts_are_errors() {
         stop_ids: vec![],
         batch_size: 4,
         tokenizer: None,
+        capture_after_stop: None,
     };
     let err = generate(
         &model.decoder,
@@ -130,6 +138,7 @@ fn empty_and_overlong_prompts_are_errors() {
             ids: vec![],
             item: 0,
             n: 1,
+            first_sample: 0,
         }],
         &options,
     )
@@ -142,9 +151,42 @@ fn empty_and_overlong_prompts_are_errors() {
             ids: long,
             item: 0,
             n: 1,
+            first_sample: 0,
         }],
         &options,
     )
     .unwrap_err();
     assert!(err.to_string().contains("context is 256"), "{err}");
+}
+
+/// The probabilities captured right after a stop string equal a full forward over the prompt
+/// and the completion (what a GenRM verdict is read from).
+#[test]
+fn probabilities_captured_after_a_stop_string_equal_a_full_forward() {
+    let model = load_fixture("qwen2-tiny");
+    let tokenizer = model.tokenizer().unwrap();
+    let prompt = tokenizer.encode("The quick brown fox", false).unwrap();
+    let options = GenerateOptions {
+        params: SamplingParams { temperature: 1.0, max_new_tokens: 40, stop_strings: vec!["e".into()], ..Default::default() },
+        seed: 3,
+        stop_ids: vec![],
+        batch_size: 8,
+        tokenizer: Some(tokenizer),
+        capture_after_stop: Some(vec![5, 77, 300]),
+    };
+    let out = generate(&model.decoder, &[Prompt { ids: prompt.clone(), item: 0, n: 6, first_sample: 0 }], &options).unwrap();
+    let mut checked = 0;
+    for c in out.iter().filter(|c| c.stop_string.is_some()) {
+        let captured = c.captured.as_ref().expect("captured after the stop string");
+        let ids = [prompt.clone(), c.ids.clone()].concat();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let logits = model.decoder.forward(&input, None).unwrap().squeeze(0).unwrap();
+        let last = logits.get(ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
+        let probs = ferrotune::infer::sampler::probabilities(&last, 1.0);
+        for (k, &id) in [5usize, 77, 300].iter().enumerate() {
+            assert!((captured[k] - probs[id]).abs() < 1e-5, "{} vs {}", captured[k], probs[id]);
+        }
+        checked += 1;
+    }
+    assert!(checked > 0, "no sample hit the stop string");
 }
