@@ -65,6 +65,8 @@ struct Profile {
     difficulty: &'static str,
     world_size: usize,
     test_problems: usize,
+    /// Problems of the held-out set used for best-of-N (its verifier compute dominates).
+    bon_problems: usize,
     /// Multiplier on every stage's `max_steps`, or a fixed small count for the smoke run.
     step_scale: f64,
     fixed_steps: Option<usize>,
@@ -83,6 +85,7 @@ impl Profile {
             difficulty: "easy",
             world_size: 4000,
             test_problems: 200,
+            bon_problems: 64,
             step_scale: 1.0,
             fixed_steps: None,
             n: 32,
@@ -97,6 +100,7 @@ impl Profile {
                 name: "smoke",
                 world_size: 200,
                 test_problems: 8,
+                bon_problems: 8,
                 fixed_steps: Some(4),
                 n: 4,
                 k_min: 2,
@@ -107,7 +111,7 @@ impl Profile {
                 ..base
             },
             (false, "default") => base,
-            (false, "long") => Profile { name: "long", step_scale: 3.0, world_size: 8000, ..base },
+            (false, "long") => Profile { name: "long", step_scale: 3.0, world_size: 8000, bon_problems: 200, ..base },
             (false, other) => anyhow::bail!("--profile must be default or long, got `{other}`"),
         })
     }
@@ -412,7 +416,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "ferrotune best-of-n --policy {} --verifier {} --data {} --n {} --k-min {} --k-step {} --k-max {} --var-threshold 0.05 --format terse --max-new-tokens 96 --verifier-max-new-tokens 128 --verifier-temperature 0.7 --seed {}",
             dpo.display(), genrm.display(), data.join("test.jsonl").display(), p.profile.n, p.profile.k_min, p.profile.k_step, p.profile.k_max, p.seed
         ));
-        Ok(best_of_n(&policy.decoder, policy.tokenizer()?, &verifier.decoder, verifier.tokenizer()?, &problems, &options)?)
+        let subset = &problems[..p.profile.bon_problems.min(problems.len())];
+        Ok(best_of_n(&policy.decoder, policy.tokenizer()?, &verifier.decoder, verifier.tokenizer()?, subset, &options)?)
     })?;
 
     let metric_or_nan = |eval: &[(String, f64)], name: &str| metric(eval, name).unwrap_or(f64::NAN);
@@ -438,6 +443,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "score_incorrect": r4(metric_or_nan(&genrm_eval, "verifier_score_incorrect")),
         },
         "n": bon.n,
+        "bon_problems": bon.problems,
         "first_sample_accuracy": r4(bon.first_sample_accuracy),
         "majority_vote_accuracy": r4(bon.majority_vote_accuracy),
         "pass_at_n": r4(bon.pass_at_n),
@@ -494,7 +500,7 @@ fn write_report(dir: &Path, report: &Value, p: &Pipeline, bon: &BestOfNReport) -
     for stage in ["pretrain", "sft", "dpo", "genrm"] {
         md.push_str(&format!("| {stage} | {} | {} |\n", report["greedy_accuracy"][stage], report["sampled_accuracy"][stage]));
     }
-    md.push_str(&format!("\n## Best-of-{} with the GenRM-CoT verifier (policy: DPO model)\n\n", bon.n));
+    md.push_str(&format!("\n## Best-of-{} with the GenRM-CoT verifier (policy: DPO model, first {} held-out problems)\n\n", bon.n, bon.problems));
     md.push_str("| selection | accuracy | verifier tokens |\n|---|---|---|\n");
     md.push_str(&format!("| first sample | {} | – |\n| majority vote | {} | – |\n| pass@N (oracle) | {} | – |\n", get("first_sample_accuracy"), get("majority_vote_accuracy"), get("pass_at_n")));
     md.push_str(&format!("| verifier argmax, fixed K={} | {} | {} |\n", bon.fixed.k, get("bon_fixed_k32_accuracy"), bon.fixed.verifier_tokens));
