@@ -51,6 +51,12 @@ enum Command {
     BestOfN(commands::best_of_n::Args),
     /// The whole pipeline (pretrain → SFT → DPO → GenRM, RM) on the built-in task world.
     Quickstart(commands::quickstart::Args),
+    /// Sample completions of a prompts file into JSONL rows.
+    Generate(commands::generate::Args),
+    /// Win rate of a model against a reference under a judge (report.json + report.md).
+    Winrate(commands::winrate::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API.
+    Serve(commands::serve::Args),
     /// Score rows with a reward model (pairwise accuracy for preference data).
     Reward(commands::reward::Args),
     /// Time the training step or batched decoding on random tokens.
@@ -80,6 +86,9 @@ fn main() {
         Command::Verify(a) => commands::verify::run(a),
         Command::BestOfN(a) => commands::best_of_n::run(a),
         Command::Quickstart(a) => commands::quickstart::run(a),
+        Command::Generate(a) => commands::generate::run(a),
+        Command::Winrate(a) => commands::winrate::run(a),
+        Command::Serve(a) => commands::serve::run(a),
         Command::Reward(a) => commands::reward::run(a),
         Command::Bench(c) => commands::bench::run(c),
     };

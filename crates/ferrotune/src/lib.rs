@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod infer;
 pub mod io;
 pub mod model;

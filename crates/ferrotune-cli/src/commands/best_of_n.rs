@@ -62,14 +62,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let Example::Qa { question, answer } = &row.example else {
             anyhow::bail!("{}: best-of-n needs qa rows (question, answer)", row.source);
         };
-        let reference = extract_answer(answer)
-            .ok_or_else(|| anyhow::anyhow!("{}: field `answer` has no final answer (#### N)", row.source))?;
+        let reference = extract_answer(answer).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: field `answer` has no final answer (#### N)",
+                row.source
+            )
+        })?;
         problems.push((question.clone(), reference));
     }
-    let mode = if args.mode == "direct" { Mode::Direct } else { Mode::Cot };
+    let mode = if args.mode == "direct" {
+        Mode::Direct
+    } else {
+        Mode::Cot
+    };
     let options = BestOfNOptions {
         n: args.n,
-        policy_params: SamplingParams { temperature: args.temperature, max_new_tokens: args.max_new_tokens, ..Default::default() },
+        policy_params: SamplingParams {
+            temperature: args.temperature,
+            max_new_tokens: args.max_new_tokens,
+            ..Default::default()
+        },
         seed: args.seed,
         batch_size: args.batch_size,
         verify: VerifyOptions {

@@ -4,14 +4,17 @@ pub mod bench;
 pub mod best_of_n;
 pub mod chat_template;
 pub mod data;
+pub mod generate;
 pub mod init_model;
-pub mod quickstart;
 pub mod inspect;
+pub mod quickstart;
 pub mod reward;
 pub mod score;
+pub mod serve;
 pub mod synth;
 pub mod train;
 pub mod verify;
+pub mod winrate;
 
 use candle_core::Device;
 

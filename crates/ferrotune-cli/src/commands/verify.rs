@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::DType;
 use ferrotune::data::{load_dataset, Example, LoadOptions, Schema};
-use ferrotune::infer::verify::{auc, format_inputs, label_of_targets, verify, with_cue, Format, Mode, VerifyOptions};
+use ferrotune::infer::verify::{
+    auc, format_inputs, label_of_targets, verify, with_cue, Format, Mode, VerifyOptions,
+};
 use ferrotune::infer::SamplingParams;
 
 #[derive(clap::Args)]
@@ -70,10 +72,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         other => anyhow::bail!("--mode must be direct or cot, got `{other}`"),
     };
     let format: Format = args.format.parse()?;
-    let schema = args.schema.as_deref().map(str::parse::<Schema>).transpose()?;
+    let schema = args
+        .schema
+        .as_deref()
+        .map(str::parse::<Schema>)
+        .transpose()?;
     let mut rows = Vec::new();
     for path in &args.data {
-        let data = load_dataset(path, &LoadOptions { schema, ..Default::default() })?;
+        let data = load_dataset(
+            path,
+            &LoadOptions {
+                schema,
+                ..Default::default()
+            },
+        )?;
         rows.extend(data.rows.into_iter().take(args.limit.unwrap_or(usize::MAX)));
     }
     let mut items = Vec::new();
@@ -84,11 +96,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 items.push(with_cue(inputs, mode));
                 labels.push(label_of_targets(targets));
             }
-            Example::Solution { question, solution, label } => {
+            Example::Solution {
+                question,
+                solution,
+                label,
+            } => {
                 items.push(format_inputs(question, solution, mode, format));
                 labels.push(*label);
             }
-            other => anyhow::bail!("{}: verify needs genrm or solution rows, not `{}`", row.source, other.schema()),
+            other => anyhow::bail!(
+                "{}: verify needs genrm or solution rows, not `{}`",
+                row.source,
+                other.schema()
+            ),
         }
     }
     let options = VerifyOptions {
@@ -120,9 +140,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         out.push('\n');
     }
     std::fs::write(&args.out, out).with_context(|| format!("writing {}", args.out.display()))?;
-    let scored: Vec<(f64, bool)> = verdicts.iter().zip(&labels).filter_map(|(v, l)| l.map(|l| (v.score, l))).collect();
+    let scored: Vec<(f64, bool)> = verdicts
+        .iter()
+        .zip(&labels)
+        .filter_map(|(v, l)| l.map(|l| (v.score, l)))
+        .collect();
     let mean_of = |label: bool| {
-        let v: Vec<f64> = scored.iter().filter(|s| s.1 == label).map(|s| s.0).collect();
+        let v: Vec<f64> = scored
+            .iter()
+            .filter(|s| s.1 == label)
+            .map(|s| s.0)
+            .collect();
         (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
     };
     let summary = serde_json::json!({
@@ -137,7 +165,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     });
     eprintln!("{summary}");
     if let Some(path) = &args.summary {
-        std::fs::write(path, summary.to_string()).with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(path, summary.to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

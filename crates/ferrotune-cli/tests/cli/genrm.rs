@@ -6,7 +6,11 @@ use std::path::Path;
 use crate::{ferrotune, fixtures, stdout_json};
 
 fn shared(file: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data").join(file).to_string_lossy().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data")
+        .join(file)
+        .to_string_lossy()
+        .to_string()
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
@@ -14,7 +18,11 @@ fn read_json(path: &Path) -> serde_json::Value {
 }
 
 fn jsonl(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 /// A random tiny model with a context long enough for the genrm-critiques rows.
@@ -24,8 +32,17 @@ fn long_context_model(dir: &Path) -> String {
     let config_path = dir.join("config.json");
     std::fs::write(&config_path, config.to_string()).unwrap();
     let out = dir.join("model");
-    let r = ferrotune(&["init-model", "--config", config_path.to_str().unwrap(), "--tokenizer",
-        fixtures().join("tokenizer").to_str().unwrap(), "--out", out.to_str().unwrap(), "--seed", "1"]);
+    let r = ferrotune(&[
+        "init-model",
+        "--config",
+        config_path.to_str().unwrap(),
+        "--tokenizer",
+        fixtures().join("tokenizer").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--seed",
+        "1",
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     out.to_string_lossy().to_string()
 }
@@ -36,18 +53,46 @@ fn verify_runs_on_the_genrm_critiques_files_and_reports_auc() {
     let model = long_context_model(tmp.path());
     // Direct: every file of the release, correct and incorrect together so the AUC exists.
     for (correct, incorrect) in [
-        ("genrm/cot_correct_val_qidmod5_01.jsonl", "genrm/cot_incorrect_val_qidmod5_01.jsonl"),
-        ("genrm/rm_correct_batch00_first100.jsonl", "genrm/rm_incorrect_batch00_first100.jsonl"),
-        ("genrm/data_collection_critique_gen_correct_r0s0_300.jsonl", "genrm/data_collection_critique_gen_incorrect_r0s0_300.jsonl"),
+        (
+            "genrm/cot_correct_val_qidmod5_01.jsonl",
+            "genrm/cot_incorrect_val_qidmod5_01.jsonl",
+        ),
+        (
+            "genrm/rm_correct_batch00_first100.jsonl",
+            "genrm/rm_incorrect_batch00_first100.jsonl",
+        ),
+        (
+            "genrm/data_collection_critique_gen_correct_r0s0_300.jsonl",
+            "genrm/data_collection_critique_gen_incorrect_r0s0_300.jsonl",
+        ),
     ] {
         let out = tmp.path().join("direct.jsonl");
         let summary = tmp.path().join("summary.json");
-        let r = ferrotune(&["verify", "--model", &model, "--data", &shared(correct), "--data", &shared(incorrect),
-            "--mode", "direct", "--limit", "6", "--out", out.to_str().unwrap(), "--summary", summary.to_str().unwrap()]);
+        let r = ferrotune(&[
+            "verify",
+            "--model",
+            &model,
+            "--data",
+            &shared(correct),
+            "--data",
+            &shared(incorrect),
+            "--mode",
+            "direct",
+            "--limit",
+            "6",
+            "--out",
+            out.to_str().unwrap(),
+            "--summary",
+            summary.to_str().unwrap(),
+        ]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
         let rows = jsonl(&out);
         assert_eq!(rows.len(), 12);
-        assert_eq!(rows.iter().filter(|r| r["label"] == 1).count(), 6, "{correct}: labels read from the rows");
+        assert_eq!(
+            rows.iter().filter(|r| r["label"] == 1).count(),
+            6,
+            "{correct}: labels read from the rows"
+        );
         let s = read_json(&summary);
         let auc = s["auc"].as_f64().expect("auc with both labels");
         assert!((0.0..=1.0).contains(&auc));
@@ -55,13 +100,38 @@ fn verify_runs_on_the_genrm_critiques_files_and_reports_auc() {
     }
     // CoT with adaptive K: k within bounds, one p(Yes) per rationale, population variance.
     let out = tmp.path().join("cot.jsonl");
-    let r = ferrotune(&["verify", "--model", &model, "--data", &shared("genrm/cot_correct_val_qidmod5_01.jsonl"),
-        "--data", &shared("genrm/cot_incorrect_val_qidmod5_01.jsonl"), "--mode", "cot", "--limit", "2",
-        "--k-min", "2", "--k-step", "2", "--k-max", "4", "--max-new-tokens", "8", "--out", out.to_str().unwrap()]);
+    let r = ferrotune(&[
+        "verify",
+        "--model",
+        &model,
+        "--data",
+        &shared("genrm/cot_correct_val_qidmod5_01.jsonl"),
+        "--data",
+        &shared("genrm/cot_incorrect_val_qidmod5_01.jsonl"),
+        "--mode",
+        "cot",
+        "--limit",
+        "2",
+        "--k-min",
+        "2",
+        "--k-step",
+        "2",
+        "--k-max",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     for row in jsonl(&out) {
         let k = row["k"].as_u64().unwrap() as usize;
-        let p: Vec<f64> = row["p_yes"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let p: Vec<f64> = row["p_yes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert!(k == 2 || k == 4, "k = {k}");
         assert_eq!(p.len(), k);
         assert!(p.iter().all(|x| (0.0..=1.0).contains(x)));
@@ -74,13 +144,36 @@ fn verify_runs_on_the_genrm_critiques_files_and_reports_auc() {
     }
     // Bad input: rows without a label still verify (no label key); too-long rows are named.
     let unlabeled = tmp.path().join("unlabeled.jsonl");
-    std::fs::write(&unlabeled, "{\"question\": \"1+1=?\", \"solution\": \"1+1=2. The answer is 2.\"}\n").unwrap();
-    let r = ferrotune(&["verify", "--model", &model, "--data", unlabeled.to_str().unwrap(), "--mode", "direct", "--out", out.to_str().unwrap()]);
+    std::fs::write(
+        &unlabeled,
+        "{\"question\": \"1+1=?\", \"solution\": \"1+1=2. The answer is 2.\"}\n",
+    )
+    .unwrap();
+    let r = ferrotune(&[
+        "verify",
+        "--model",
+        &model,
+        "--data",
+        unlabeled.to_str().unwrap(),
+        "--mode",
+        "direct",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(jsonl(&out)[0].get("label").is_none());
     let short = fixtures().join("qwen2-tiny");
-    let r = ferrotune(&["verify", "--model", short.to_str().unwrap(), "--data", &shared("genrm/rm_correct_batch00_first100.jsonl"),
-        "--mode", "direct", "--out", out.to_str().unwrap()]);
+    let r = ferrotune(&[
+        "verify",
+        "--model",
+        short.to_str().unwrap(),
+        "--data",
+        &shared("genrm/rm_correct_batch00_first100.jsonl"),
+        "--mode",
+        "direct",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!r.status.success());
     assert!(String::from_utf8_lossy(&r.stderr).contains("context is 256"));
 }
@@ -91,15 +184,42 @@ fn quickstart_smoke_runs_every_stage_deterministically() {
     let mut reports = Vec::new();
     for run in ["a", "b"] {
         let dir = tmp.path().join(run);
-        let report = stdout_json(&ferrotune(&["quickstart", "--smoke", "--output-dir", dir.to_str().unwrap(), "--json"]));
-        for key in ["pretrain_loss", "sft_accuracy", "dpo_accuracy", "verifier_auc", "bon_fixed_k32_accuracy",
-            "bon_adaptive_accuracy", "adaptive_mean_k", "majority_vote_accuracy", "dpo_vs_sft_win_rate", "seconds_per_stage",
-            "dpo_preference_accuracy", "rm_pairwise_accuracy", "genrm_policy_accuracy", "win_rate_vs_base", "tokens_sampled",
-            "bon_weighted_vote_accuracy", "pass_at_n"] {
+        let report = stdout_json(&ferrotune(&[
+            "quickstart",
+            "--smoke",
+            "--output-dir",
+            dir.to_str().unwrap(),
+            "--json",
+        ]));
+        for key in [
+            "pretrain_loss",
+            "sft_accuracy",
+            "dpo_accuracy",
+            "verifier_auc",
+            "bon_fixed_k32_accuracy",
+            "bon_adaptive_accuracy",
+            "adaptive_mean_k",
+            "majority_vote_accuracy",
+            "dpo_vs_sft_win_rate",
+            "seconds_per_stage",
+            "dpo_preference_accuracy",
+            "rm_pairwise_accuracy",
+            "genrm_policy_accuracy",
+            "win_rate_vs_base",
+            "tokens_sampled",
+            "bon_weighted_vote_accuracy",
+            "pass_at_n",
+        ] {
             assert!(report.get(key).is_some(), "report.json lacks {key}");
         }
         for stage in ["pretrain", "sft", "dpo", "genrm", "rm"] {
-            assert!(dir.join("runs").join(stage).join("final/config.json").exists(), "{stage} model dir");
+            assert!(
+                dir.join("runs")
+                    .join(stage)
+                    .join("final/config.json")
+                    .exists(),
+                "{stage} model dir"
+            );
             assert!(report["seconds_per_stage"].get(stage).is_some());
         }
         for png in ["loss_curves.png", "bon_accuracy_vs_compute.png"] {
@@ -116,36 +236,114 @@ fn quickstart_smoke_runs_every_stage_deterministically() {
         obj.remove("commands");
         reports.push(numbers);
     }
-    assert_eq!(reports[0], reports[1], "two runs with one seed give the same numbers");
+    assert_eq!(
+        reports[0], reports[1],
+        "two runs with one seed give the same numbers"
+    );
 }
 
 #[test]
 fn genrm_training_and_best_of_n_on_a_small_world() {
     let tmp = tempfile::tempdir().unwrap();
     let world = tmp.path().join("world");
-    let r = ferrotune(&["data", "synth", "--out", world.to_str().unwrap(), "--seed", "3", "--n", "64", "--n-test", "4",
-        "--difficulty", "easy", "--json"]);
+    let r = ferrotune(&[
+        "data",
+        "synth",
+        "--out",
+        world.to_str().unwrap(),
+        "--seed",
+        "3",
+        "--n",
+        "64",
+        "--n-test",
+        "4",
+        "--difficulty",
+        "easy",
+        "--json",
+    ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     let model = fixtures().join("qwen2-tiny");
     let out = tmp.path().join("genrm");
-    let summary = stdout_json(&ferrotune(&["genrm", "--model", model.to_str().unwrap(),
-        "--data", world.join("genrm_verify.jsonl").to_str().unwrap(), "--correct-data", world.join("genrm_correct.jsonl").to_str().unwrap(),
-        "--output-dir", out.to_str().unwrap(), "--max-steps", "3", "--batch-size", "8", "--max-length", "200",
-        "--lambda", "0.1", "--num-sanity-val-steps", "0", "--json"]));
-    for key in ["loss", "loss_verify", "loss_correct", "verifier_score_correct", "verifier_score_incorrect", "verifier_auc"] {
-        assert!(summary["eval"].get(key).is_some(), "genrm eval lacks {key}: {summary}");
+    let summary = stdout_json(&ferrotune(&[
+        "genrm",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        world.join("genrm_verify.jsonl").to_str().unwrap(),
+        "--correct-data",
+        world.join("genrm_correct.jsonl").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "200",
+        "--lambda",
+        "0.1",
+        "--num-sanity-val-steps",
+        "0",
+        "--json",
+    ]));
+    for key in [
+        "loss",
+        "loss_verify",
+        "loss_correct",
+        "verifier_score_correct",
+        "verifier_score_incorrect",
+        "verifier_auc",
+    ] {
+        assert!(
+            summary["eval"].get(key).is_some(),
+            "genrm eval lacks {key}: {summary}"
+        );
     }
     let l = &summary["eval"];
     let mixed = l["loss_verify"].as_f64().unwrap() + 0.1 * l["loss_correct"].as_f64().unwrap();
-    assert!((l["loss"].as_f64().unwrap() - mixed).abs() < 1e-4, "L = L_verify + λ·L_correct: {l}");
-    let report = stdout_json(&ferrotune(&["best-of-n", "--policy", model.to_str().unwrap(), "--verifier", out.join("final").to_str().unwrap(),
-        "--data", world.join("test.jsonl").to_str().unwrap(), "--n", "3", "--k-min", "2", "--k-step", "2", "--k-max", "4",
-        "--format", "terse", "--max-new-tokens", "12", "--verifier-max-new-tokens", "12", "--json"]));
-    for key in ["n", "first_sample_accuracy", "majority_vote_accuracy", "fixed", "adaptive", "policy_tokens"] {
+    assert!(
+        (l["loss"].as_f64().unwrap() - mixed).abs() < 1e-4,
+        "L = L_verify + λ·L_correct: {l}"
+    );
+    let report = stdout_json(&ferrotune(&[
+        "best-of-n",
+        "--policy",
+        model.to_str().unwrap(),
+        "--verifier",
+        out.join("final").to_str().unwrap(),
+        "--data",
+        world.join("test.jsonl").to_str().unwrap(),
+        "--n",
+        "3",
+        "--k-min",
+        "2",
+        "--k-step",
+        "2",
+        "--k-max",
+        "4",
+        "--format",
+        "terse",
+        "--max-new-tokens",
+        "12",
+        "--verifier-max-new-tokens",
+        "12",
+        "--json",
+    ]));
+    for key in [
+        "n",
+        "first_sample_accuracy",
+        "majority_vote_accuracy",
+        "fixed",
+        "adaptive",
+        "policy_tokens",
+    ] {
         assert!(report.get(key).is_some(), "best-of-n lacks {key}");
     }
     assert_eq!(report["fixed"]["k"], 4.0);
     let mean_k = report["adaptive"]["k"].as_f64().unwrap();
     assert!((2.0..=4.0).contains(&mean_k));
-    assert!(report["adaptive"]["verifier_tokens"].as_u64().unwrap() <= report["fixed"]["verifier_tokens"].as_u64().unwrap());
+    assert!(
+        report["adaptive"]["verifier_tokens"].as_u64().unwrap()
+            <= report["fixed"]["verifier_tokens"].as_u64().unwrap()
+    );
 }

@@ -2,6 +2,7 @@
 
 mod genrm;
 mod training;
+mod winrate;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -221,13 +222,25 @@ fn bad_input_exits_nonzero_with_the_path() {
 fn data_inspect_reports_schema_rows_and_lengths() {
     let data = fixtures().join("data/chat.parquet");
     let model = fixtures().join("qwen2-tiny");
-    let report = stdout_json(&ferrotune(&["data", "inspect", data.to_str().unwrap(), "--model", model.to_str().unwrap(), "--json"]));
+    let report = stdout_json(&ferrotune(&[
+        "data",
+        "inspect",
+        data.to_str().unwrap(),
+        "--model",
+        model.to_str().unwrap(),
+        "--json",
+    ]));
     assert_eq!(report["schema"], "chat");
     assert_eq!(report["rows"], 7);
     assert_eq!(report["bad_rows"], 0);
     assert_eq!(report["truncated"], 3);
     assert!(report["tokens"]["max"].as_u64().unwrap() >= report["tokens"]["min"].as_u64().unwrap());
-    let broken = ferrotune(&["data", "inspect", fixtures().join("data/gzip.parquet").to_str().unwrap(), "--json"]);
+    let broken = ferrotune(&[
+        "data",
+        "inspect",
+        fixtures().join("data/gzip.parquet").to_str().unwrap(),
+        "--json",
+    ]);
     assert!(!broken.status.success());
     assert!(String::from_utf8_lossy(&broken.stderr).contains("gzip.parquet"));
 }

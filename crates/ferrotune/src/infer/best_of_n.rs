@@ -84,12 +84,17 @@ impl ProblemResult {
                 .map(|c| (c.answer, score(c) * c.count as f64))
                 .collect();
             let winner = vote(&votes);
-            self.candidates.iter().any(|c| c.correct && winner.is_some_and(|w| c.answer.is_some_and(|a| crate::data::answers_match(a, w))))
+            self.candidates.iter().any(|c| {
+                c.correct
+                    && winner
+                        .is_some_and(|w| c.answer.is_some_and(|a| crate::data::answers_match(a, w)))
+            })
         } else {
-            let best = self
-                .candidates
-                .iter()
-                .max_by(|a, b| score(a).total_cmp(&score(b)).then(b.first_sample.cmp(&a.first_sample)));
+            let best = self.candidates.iter().max_by(|a, b| {
+                score(a)
+                    .total_cmp(&score(b))
+                    .then(b.first_sample.cmp(&a.first_sample))
+            });
             best.is_some_and(|c| c.correct)
         }
     }
@@ -113,7 +118,10 @@ fn vote(answers: &[(Option<f64>, f64)]) -> Option<f64> {
     let mut totals: Vec<(f64, f64, usize)> = Vec::new();
     for (i, (a, w)) in answers.iter().enumerate() {
         let Some(a) = a else { continue };
-        match totals.iter_mut().find(|t| crate::data::answers_match(t.0, *a)) {
+        match totals
+            .iter_mut()
+            .find(|t| crate::data::answers_match(t.0, *a))
+        {
             Some(t) => t.1 += w,
             None => totals.push((*a, *w, i)),
         }
@@ -143,7 +151,12 @@ pub fn best_of_n(
             } else {
                 encoder.encode(q, true)?
             };
-            Ok(Prompt { ids, item: i as u64, n: options.n, first_sample: 0 })
+            Ok(Prompt {
+                ids,
+                item: i as u64,
+                n: options.n,
+                first_sample: 0,
+            })
         })
         .collect::<Result<_>>()?;
     let completions = generate(
@@ -179,15 +192,28 @@ pub fn best_of_n(
         .map(|(p, t)| format_inputs(&problems[*p].0, t, options.verify.mode, options.format))
         .collect();
     let seeds: Vec<u64> = (0..distinct.len() as u64).collect();
-    let fixed_options = VerifyOptions { k_min: options.verify.k_max, ..options.verify.clone() };
-    let fixed = verify_items(verifier, verifier_tokenizer, &inputs, &seeds, &fixed_options)?;
+    let fixed_options = VerifyOptions {
+        k_min: options.verify.k_max,
+        ..options.verify.clone()
+    };
+    let fixed = verify_items(
+        verifier,
+        verifier_tokenizer,
+        &inputs,
+        &seeds,
+        &fixed_options,
+    )?;
     let adaptive: Vec<Verdict> = fixed
         .iter()
         .map(|v| {
             if options.verify.mode == Mode::Direct {
                 v.clone()
             } else {
-                v.adaptive_prefix(options.verify.k_min, options.verify.k_step, options.verify.var_threshold)
+                v.adaptive_prefix(
+                    options.verify.k_min,
+                    options.verify.k_step,
+                    options.verify.var_threshold,
+                )
             }
         })
         .collect();
@@ -202,15 +228,22 @@ pub fn best_of_n(
     for (p, (_, reference)) in problems.iter().enumerate() {
         let answers: Vec<Option<f64>> = samples[p].iter().map(|t| extract_answer(t)).collect();
         first.push(same(answers[0], *reference));
-        majority.push(same(vote(&answers.iter().map(|a| (*a, 1.0)).collect::<Vec<_>>()), *reference));
+        majority.push(same(
+            vote(&answers.iter().map(|a| (*a, 1.0)).collect::<Vec<_>>()),
+            *reference,
+        ));
         pass.push(answers.iter().any(|a| same(*a, *reference)));
         let mut candidates = Vec::new();
         for (which, verdicts) in [&fixed, &adaptive].into_iter().enumerate() {
-            let scores: Vec<f64> = samples[p].iter().map(|t| verdicts[index[&(p, t.clone())]].score).collect();
+            let scores: Vec<f64> = samples[p]
+                .iter()
+                .map(|t| verdicts[index[&(p, t.clone())]].score)
+                .collect();
             // Argmax over samples (ties: the first sample).
             let best = (0..scores.len()).fold(0, |b, i| if scores[i] > scores[b] { i } else { b });
             argmax[which].push(same(answers[best], *reference));
-            let weighted_answers: Vec<(Option<f64>, f64)> = answers.iter().copied().zip(scores).collect();
+            let weighted_answers: Vec<(Option<f64>, f64)> =
+                answers.iter().copied().zip(scores).collect();
             weighted[which].push(same(vote(&weighted_answers), *reference));
         }
         for (d, (dp, text)) in distinct.iter().enumerate() {

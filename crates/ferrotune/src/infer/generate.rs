@@ -170,7 +170,13 @@ fn generate_group(
     let mut done: Vec<Completion> = Vec::new();
     let params = &options.params;
     // Tokens enough to spell the longest stop string (a token is at least one byte), plus one.
-    let stop_window = params.stop_strings.iter().map(|s| s.len()).max().unwrap_or(0) + 1;
+    let stop_window = params
+        .stop_strings
+        .iter()
+        .map(|s| s.len())
+        .max()
+        .unwrap_or(0)
+        + 1;
     loop {
         // Sample one token for every active row and decide who finished.
         let mut keep = Vec::with_capacity(rows.len());
@@ -218,7 +224,9 @@ fn generate_group(
                 finish = Some(FinishReason::Length);
             }
             let room = row.prompt_len + row.ids.len() < max_positions;
-            if let (Some(stop), true, true) = (&stop_string, options.capture_after_stop.is_some(), room) {
+            if let (Some(stop), true, true) =
+                (&stop_string, options.capture_after_stop.is_some(), room)
+            {
                 // Keep the row one more step to read the distribution after the stop string.
                 row.capturing = Some(stop.clone());
                 keep.push(r);

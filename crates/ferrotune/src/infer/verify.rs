@@ -56,7 +56,11 @@ impl Default for VerifyOptions {
             k_step: 8,
             k_max: 32,
             var_threshold: 0.05,
-            params: SamplingParams { temperature: 1.0, max_new_tokens: 256, ..Default::default() },
+            params: SamplingParams {
+                temperature: 1.0,
+                max_new_tokens: 256,
+                ..Default::default()
+            },
             seed: 0,
             raw_p_yes: false,
             batch_size: 32,
@@ -80,7 +84,9 @@ impl std::str::FromStr for Format {
         match s {
             "critiques" => Ok(Format::Critiques),
             "terse" => Ok(Format::Terse),
-            other => Err(Error::invalid(format!("unknown verifier format `{other}` (critiques or terse)"))),
+            other => Err(Error::invalid(format!(
+                "unknown verifier format `{other}` (critiques or terse)"
+            ))),
         }
     }
 }
@@ -97,8 +103,15 @@ pub const DIRECT_CUE: &str = "Verification: Is the answer correct (Yes/No)?";
 pub fn format_inputs(question: &str, solution: &str, mode: Mode, format: Format) -> String {
     match format {
         Format::Critiques => {
-            let cue = if mode == Mode::Cot { COT_CUE } else { DIRECT_CUE };
-            format!("{CRITIQUES_HEADER}Q: {question}\nA: Let's think step by step.\n{}\n{cue}", solution.trim_end())
+            let cue = if mode == Mode::Cot {
+                COT_CUE
+            } else {
+                DIRECT_CUE
+            };
+            format!(
+                "{CRITIQUES_HEADER}Q: {question}\nA: Let's think step by step.\n{}\n{cue}",
+                solution.trim_end()
+            )
         }
         Format::Terse => match mode {
             Mode::Cot => crate::synth::critique::verify_inputs(question, solution),
@@ -110,8 +123,12 @@ pub fn format_inputs(question: &str, solution: &str, mode: Mode, format: Format)
 /// Switches genrm `inputs` between the CoT and the Direct cue, as `mode` asks.
 pub fn with_cue(inputs: &str, mode: Mode) -> String {
     match mode {
-        Mode::Cot if inputs.ends_with(DIRECT_CUE) => format!("{}{COT_CUE}", &inputs[..inputs.len() - DIRECT_CUE.len()]),
-        Mode::Direct if inputs.ends_with(COT_CUE) => format!("{}{DIRECT_CUE}", &inputs[..inputs.len() - COT_CUE.len()]),
+        Mode::Cot if inputs.ends_with(DIRECT_CUE) => {
+            format!("{}{COT_CUE}", &inputs[..inputs.len() - DIRECT_CUE.len()])
+        }
+        Mode::Direct if inputs.ends_with(COT_CUE) => {
+            format!("{}{DIRECT_CUE}", &inputs[..inputs.len() - COT_CUE.len()])
+        }
         _ => inputs.to_string(),
     }
 }
@@ -178,7 +195,9 @@ pub fn verdict_ids(tokenizer: &Tokenizer) -> Result<(u32, u32)> {
     };
     let (yes, no) = (first(" Yes")?, first(" No")?);
     if yes == no {
-        return Err(Error::invalid("\" Yes\" and \" No\" start with the same token: p(Yes) cannot be read"));
+        return Err(Error::invalid(
+            "\" Yes\" and \" No\" start with the same token: p(Yes) cannot be read",
+        ));
     }
     Ok((yes, no))
 }
@@ -235,7 +254,11 @@ pub fn auc(scored: &[(f64, bool)]) -> Option<f64> {
 }
 
 /// Next-token logits after each of `sequences` (one forward each, batched with right padding).
-fn last_logits(decoder: &Decoder, sequences: &[Vec<u32>], batch_size: usize) -> Result<Vec<Vec<f32>>> {
+fn last_logits(
+    decoder: &Decoder,
+    sequences: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<Vec<Vec<f32>>> {
     let device = decoder.device().clone();
     let mut out = Vec::with_capacity(sequences.len());
     for chunk in sequences.chunks(batch_size.max(1)) {
@@ -261,8 +284,19 @@ fn last_logits(decoder: &Decoder, sequences: &[Vec<u32>], batch_size: usize) -> 
 
 /// Verifies items given as verifier input texts (each ending with "Let's verify step by
 /// step.\n" for CoT, or with the verdict question for Direct). `items[i]` is seeded as item i.
-pub fn verify(decoder: &Decoder, tokenizer: &Tokenizer, items: &[String], options: &VerifyOptions) -> Result<Vec<Verdict>> {
-    verify_items(decoder, tokenizer, items, &(0..items.len() as u64).collect::<Vec<_>>(), options)
+pub fn verify(
+    decoder: &Decoder,
+    tokenizer: &Tokenizer,
+    items: &[String],
+    options: &VerifyOptions,
+) -> Result<Vec<Verdict>> {
+    verify_items(
+        decoder,
+        tokenizer,
+        items,
+        &(0..items.len() as u64).collect::<Vec<_>>(),
+        options,
+    )
 }
 
 /// As [`verify`], with explicit item seeds (so a candidate keeps its rationales wherever it
@@ -275,7 +309,10 @@ pub fn verify_items(
     options: &VerifyOptions,
 ) -> Result<Vec<Verdict>> {
     let (yes, no) = verdict_ids(tokenizer)?;
-    let prompts: Vec<Vec<u32>> = items.iter().map(|t| tokenizer.encode(t, false)).collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = items
+        .iter()
+        .map(|t| tokenizer.encode(t, false))
+        .collect::<Result<_>>()?;
     let max_positions = decoder.config().max_position_embeddings;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
@@ -294,7 +331,14 @@ pub fn verify_items(
             .iter()
             .map(|l| {
                 let p = p_yes(l, yes, no, options.raw_p_yes);
-                Verdict { score: p, k: 1, variance: 0.0, p_yes: vec![p], tokens: 0, rationale_tokens: vec![0] }
+                Verdict {
+                    score: p,
+                    k: 1,
+                    variance: 0.0,
+                    p_yes: vec![p],
+                    tokens: 0,
+                    rationale_tokens: vec![0],
+                }
             })
             .collect());
     }
@@ -320,8 +364,17 @@ pub fn verify_items(
             .iter()
             .map(|&i| {
                 let done = p_values[i].len();
-                let want = if done == 0 { options.k_min } else { options.k_step.min(options.k_max - done) };
-                Prompt { ids: prompts[i].clone(), item: seeds[i], n: want, first_sample: done }
+                let want = if done == 0 {
+                    options.k_min
+                } else {
+                    options.k_step.min(options.k_max - done)
+                };
+                Prompt {
+                    ids: prompts[i].clone(),
+                    item: seeds[i],
+                    n: want,
+                    first_sample: done,
+                }
             })
             .collect();
         let completions = generate(decoder, &batch, &gen_options)?;
@@ -335,7 +388,13 @@ pub fn verify_items(
             tokens[item].push(c.ids.len());
             if let Some(probs) = &c.captured {
                 let (y, n) = (probs[0], probs[1]);
-                values[j] = Some(if options.raw_p_yes { y } else if y + n > 0.0 { y / (y + n) } else { 0.5 });
+                values[j] = Some(if options.raw_p_yes {
+                    y
+                } else if y + n > 0.0 {
+                    y / (y + n)
+                } else {
+                    0.5
+                });
                 continue;
             }
             let mut ids = prompts[item].clone();
@@ -384,10 +443,14 @@ mod tests {
         // 8 agreeing rationales: variance 0 < τ, stop at k_min.
         assert!(should_stop(&[0.9; 8], 32, 0.05));
         // Split verdicts: variance 0.2025 ≥ τ, go on until k_max.
-        let split: Vec<f64> = (0..8).map(|i| if i % 2 == 0 { 0.95 } else { 0.05 }).collect();
+        let split: Vec<f64> = (0..8)
+            .map(|i| if i % 2 == 0 { 0.95 } else { 0.05 })
+            .collect();
         assert!((population_variance(&split) - 0.2025).abs() < 1e-12);
         assert!(!should_stop(&split, 32, 0.05));
-        let split32: Vec<f64> = (0..32).map(|i| if i % 2 == 0 { 0.95 } else { 0.05 }).collect();
+        let split32: Vec<f64> = (0..32)
+            .map(|i| if i % 2 == 0 { 0.95 } else { 0.05 })
+            .collect();
         assert!(should_stop(&split32, 32, 0.05));
         // The threshold is strict: variance equal to τ does not stop.
         assert!(!should_stop(&[0.0, 1.0], 32, 0.25));
@@ -395,11 +458,27 @@ mod tests {
 
     #[test]
     fn adaptive_prefix_replays_the_stopping_rule() {
-        let confident = Verdict { score: 0.9, k: 32, variance: 0.0, p_yes: vec![0.9; 32], tokens: 320, rationale_tokens: vec![10; 32] };
+        let confident = Verdict {
+            score: 0.9,
+            k: 32,
+            variance: 0.0,
+            p_yes: vec![0.9; 32],
+            tokens: 320,
+            rationale_tokens: vec![10; 32],
+        };
         let a = confident.adaptive_prefix(8, 8, 0.05);
         assert_eq!((a.k, a.tokens), (8, 80));
-        let split: Vec<f64> = (0..32).map(|i| if i % 2 == 0 { 0.95 } else { 0.05 }).collect();
-        let unsure = Verdict { score: 0.5, k: 32, variance: 0.2025, p_yes: split, tokens: 320, rationale_tokens: vec![10; 32] };
+        let split: Vec<f64> = (0..32)
+            .map(|i| if i % 2 == 0 { 0.95 } else { 0.05 })
+            .collect();
+        let unsure = Verdict {
+            score: 0.5,
+            k: 32,
+            variance: 0.2025,
+            p_yes: split,
+            tokens: 320,
+            rationale_tokens: vec![10; 32],
+        };
         assert_eq!(unsure.adaptive_prefix(8, 8, 0.05).k, 32);
     }
 
@@ -409,7 +488,10 @@ mod tests {
         let direct = with_cue(&cot, Mode::Direct);
         assert!(direct.ends_with(DIRECT_CUE));
         assert_eq!(with_cue(&direct, Mode::Cot), cot);
-        assert_eq!(label_of_targets("...\nVerification: Is the answer correct (Yes/No)? Yes"), Some(true));
+        assert_eq!(
+            label_of_targets("...\nVerification: Is the answer correct (Yes/No)? Yes"),
+            Some(true)
+        );
         assert_eq!(label_of_targets(" No"), Some(false));
         assert_eq!(label_of_targets("maybe"), None);
     }

@@ -67,7 +67,16 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
         skip_bad_rows: config.skip_bad_rows,
     };
     let correct_rows = match (&config.correct_data, config.objective) {
-        (Some(path), Objective::Genrm) => load_dataset(path, &LoadOptions { schema: None, ..options.clone() })?.rows,
+        (Some(path), Objective::Genrm) => {
+            load_dataset(
+                path,
+                &LoadOptions {
+                    schema: None,
+                    ..options.clone()
+                },
+            )?
+            .rows
+        }
         (None, Objective::Genrm) => {
             tracing::warn!("genrm without --correct-data: the λ·L_correct term is empty");
             Vec::new()
@@ -78,7 +87,14 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
     let (correct_train, correct_eval) = if correct_rows.is_empty() {
         (Vec::new(), Vec::new())
     } else {
-        select(correct_rows, None, &Selection { sanity_train: false, ..selection(config) })?
+        select(
+            correct_rows,
+            None,
+            &Selection {
+                sanity_train: false,
+                ..selection(config)
+            },
+        )?
     };
     let build = |rows: &[DataRow], correct: &[DataRow]| -> Result<Examples> {
         Ok(match config.objective {

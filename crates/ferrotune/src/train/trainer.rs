@@ -23,8 +23,8 @@ use crate::model::decoder::gather_last_token;
 use crate::model::{parameter_specs, Decoder, ModelConfig};
 use crate::objectives::dpo::{dpo_loss, DpoParams};
 use crate::objectives::reward::bradley_terry_loss;
-use crate::objectives::{sequence_logprobs, token_logprobs};
 use crate::objectives::sft::token_loss_sums;
+use crate::objectives::{sequence_logprobs, token_logprobs};
 
 /// The examples of one split, tokenized.
 #[derive(Clone)]
@@ -218,7 +218,8 @@ impl Runner<'_> {
     ) -> Result<MicroResult> {
         match examples {
             Examples::Genrm { .. } => {
-                let rows: Vec<(&TokenizedSequence, bool)> = batch.iter().map(|&i| examples.genrm_row(i)).collect();
+                let rows: Vec<(&TokenizedSequence, bool)> =
+                    batch.iter().map(|&i| examples.genrm_row(i)).collect();
                 let seqs: Vec<&TokenizedSequence> = rows.iter().map(|r| r.0).collect();
                 let p = pad(&seqs, self.pad_id, &self.device)?;
                 let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
@@ -246,8 +247,13 @@ impl Runner<'_> {
                     if let (true, Some((yes, no))) = (*is_verify, self.verdict_ids) {
                         if let Some(pos) = verdict_position(row, yes, no) {
                             let label = row.input_ids[pos] == yes;
-                            let next = logits.get(r)?.get(pos - 1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                            scored.push((crate::infer::verify::p_yes(&next, yes, no, false), label));
+                            let next = logits
+                                .get(r)?
+                                .get(pos - 1)?
+                                .to_dtype(DType::F32)?
+                                .to_vec1::<f32>()?;
+                            scored
+                                .push((crate::infer::verify::p_yes(&next, yes, no, false), label));
                         }
                     }
                 }
@@ -372,7 +378,11 @@ impl Runner<'_> {
         let mut batches = plan_epoch(examples, batch_size, self.config.seed, 0);
         batches.truncate(limit.unwrap_or(usize::MAX));
         let genrm = matches!(examples, Examples::Genrm { .. });
-        let genrm_counts = if genrm { examples.genrm_counts(&batches) } else { [0.0; 2] };
+        let genrm_counts = if genrm {
+            examples.genrm_counts(&batches)
+        } else {
+            [0.0; 2]
+        };
         let mut loss = 0f64;
         let mut count = 0f64;
         let mut sums: Vec<(&'static str, f64)> = Vec::new();
@@ -401,12 +411,23 @@ impl Runner<'_> {
             // The verifier score metric: mean p(Yes) (teacher-forced rationale) on correct and
             // on incorrect solutions, and the AUC separating them.
             let mean = |label: bool| {
-                let v: Vec<f64> = verdicts.iter().filter(|s| s.1 == label).map(|s| s.0).collect();
-                if v.is_empty() { f64::NAN } else { v.iter().sum::<f64>() / v.len() as f64 }
+                let v: Vec<f64> = verdicts
+                    .iter()
+                    .filter(|s| s.1 == label)
+                    .map(|s| s.0)
+                    .collect();
+                if v.is_empty() {
+                    f64::NAN
+                } else {
+                    v.iter().sum::<f64>() / v.len() as f64
+                }
             };
             out.push(("verifier_score_correct".to_string(), mean(true)));
             out.push(("verifier_score_incorrect".to_string(), mean(false)));
-            out.push(("verifier_auc".to_string(), crate::infer::verify::auc(&verdicts).unwrap_or(f64::NAN)));
+            out.push((
+                "verifier_auc".to_string(),
+                crate::infer::verify::auc(&verdicts).unwrap_or(f64::NAN),
+            ));
         }
         Ok(out)
     }
@@ -615,7 +636,9 @@ impl<'a> StepEngine<'a> {
         let mut tokens = 0usize;
         let mut samples = 0usize;
         for batch in micro_batches {
-            let r = self.runner.micro(&decoder, examples, batch, "train", genrm_counts)?;
+            let r = self
+                .runner
+                .micro(&decoder, examples, batch, "train", genrm_counts)?;
             let loss = (r.loss_sum / step_count)?;
             loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = loss.backward()?;

@@ -167,24 +167,52 @@ fn probabilities_captured_after_a_stop_string_equal_a_full_forward() {
     let tokenizer = model.tokenizer().unwrap();
     let prompt = tokenizer.encode("The quick brown fox", false).unwrap();
     let options = GenerateOptions {
-        params: SamplingParams { temperature: 1.0, max_new_tokens: 40, stop_strings: vec!["e".into()], ..Default::default() },
+        params: SamplingParams {
+            temperature: 1.0,
+            max_new_tokens: 40,
+            stop_strings: vec!["e".into()],
+            ..Default::default()
+        },
         seed: 3,
         stop_ids: vec![],
         batch_size: 8,
         tokenizer: Some(tokenizer),
         capture_after_stop: Some(vec![5, 77, 300]),
     };
-    let out = generate(&model.decoder, &[Prompt { ids: prompt.clone(), item: 0, n: 6, first_sample: 0 }], &options).unwrap();
+    let out = generate(
+        &model.decoder,
+        &[Prompt {
+            ids: prompt.clone(),
+            item: 0,
+            n: 6,
+            first_sample: 0,
+        }],
+        &options,
+    )
+    .unwrap();
     let mut checked = 0;
     for c in out.iter().filter(|c| c.stop_string.is_some()) {
         let captured = c.captured.as_ref().expect("captured after the stop string");
         let ids = [prompt.clone(), c.ids.clone()].concat();
-        let input = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let logits = model.decoder.forward(&input, None).unwrap().squeeze(0).unwrap();
+        let input = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = model
+            .decoder
+            .forward(&input, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap();
         let last = logits.get(ids.len() - 1).unwrap().to_vec1::<f32>().unwrap();
         let probs = ferrotune::infer::sampler::probabilities(&last, 1.0);
         for (k, &id) in [5usize, 77, 300].iter().enumerate() {
-            assert!((captured[k] - probs[id]).abs() < 1e-5, "{} vs {}", captured[k], probs[id]);
+            assert!(
+                (captured[k] - probs[id]).abs() < 1e-5,
+                "{} vs {}",
+                captured[k],
+                probs[id]
+            );
         }
         checked += 1;
     }

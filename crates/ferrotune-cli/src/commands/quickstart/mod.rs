@@ -19,7 +19,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
-use ferrotune::data::{extract_answer, load_dataset, pad_id, Encoder, Example, LoadOptions, Message};
+use ferrotune::data::{
+    extract_answer, load_dataset, pad_id, Encoder, Example, LoadOptions, Message,
+};
 use ferrotune::infer::best_of_n::{best_of_n, BestOfNOptions, BestOfNReport};
 use ferrotune::infer::reward::reward_scores;
 use ferrotune::infer::verify::{Format, Mode, VerifyOptions};
@@ -52,11 +54,26 @@ pub struct Args {
 }
 
 const STAGE_CONFIGS: [(&str, &str); 5] = [
-    ("pretrain", include_str!("../../../../../configs/quickstart/pretrain.toml")),
-    ("sft", include_str!("../../../../../configs/quickstart/sft.toml")),
-    ("dpo", include_str!("../../../../../configs/quickstart/dpo.toml")),
-    ("genrm", include_str!("../../../../../configs/quickstart/genrm.toml")),
-    ("rm", include_str!("../../../../../configs/quickstart/rm.toml")),
+    (
+        "pretrain",
+        include_str!("../../../../../configs/quickstart/pretrain.toml"),
+    ),
+    (
+        "sft",
+        include_str!("../../../../../configs/quickstart/sft.toml"),
+    ),
+    (
+        "dpo",
+        include_str!("../../../../../configs/quickstart/dpo.toml"),
+    ),
+    (
+        "genrm",
+        include_str!("../../../../../configs/quickstart/genrm.toml"),
+    ),
+    (
+        "rm",
+        include_str!("../../../../../configs/quickstart/rm.toml"),
+    ),
 ];
 
 /// Sizes and step counts of a profile; stage hyperparameters come from the TOML configs.
@@ -111,7 +128,13 @@ impl Profile {
                 ..base
             },
             (false, "default") => base,
-            (false, "long") => Profile { name: "long", step_scale: 3.0, world_size: 8000, bon_problems: 200, ..base },
+            (false, "long") => Profile {
+                name: "long",
+                step_scale: 3.0,
+                world_size: 8000,
+                bon_problems: 200,
+                ..base
+            },
             (false, other) => anyhow::bail!("--profile must be default or long, got `{other}`"),
         })
     }
@@ -127,19 +150,34 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn timed<T>(&mut self, stage: &str, f: impl FnOnce(&mut Self) -> anyhow::Result<T>) -> anyhow::Result<T> {
+    fn timed<T>(
+        &mut self,
+        stage: &str,
+        f: impl FnOnce(&mut Self) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
         let started = Instant::now();
         eprintln!("quickstart: {stage} …");
         let out = f(self).with_context(|| format!("quickstart stage `{stage}`"))?;
         let secs = started.elapsed().as_secs_f64();
         eprintln!("quickstart: {stage} done in {secs:.1} s");
-        self.seconds.insert(stage.to_string(), json!((secs * 10.0).round() / 10.0));
+        self.seconds
+            .insert(stage.to_string(), json!((secs * 10.0).round() / 10.0));
         Ok(out)
     }
 
     /// Trains one stage with its embedded config; returns the final model dir and the last eval.
-    fn train(&mut self, stage: &str, model: &Path, data: &Path, extra: &[(&str, Value)]) -> anyhow::Result<(PathBuf, Vec<(String, f64)>)> {
-        let toml_text = STAGE_CONFIGS.iter().find(|(n, _)| *n == stage).map(|(_, t)| *t).expect("known stage");
+    fn train(
+        &mut self,
+        stage: &str,
+        model: &Path,
+        data: &Path,
+        extra: &[(&str, Value)],
+    ) -> anyhow::Result<(PathBuf, Vec<(String, f64)>)> {
+        let toml_text = STAGE_CONFIGS
+            .iter()
+            .find(|(n, _)| *n == stage)
+            .map(|(_, t)| *t)
+            .expect("known stage");
         let objective = match stage {
             "pretrain" => Objective::Pretrain,
             "sft" => Objective::Sft,
@@ -152,13 +190,22 @@ impl Pipeline {
         t.insert("objective".into(), objective.name().into());
         t.insert("model".into(), model.to_string_lossy().to_string().into());
         t.insert("data".into(), data.to_string_lossy().to_string().into());
-        t.insert("output_dir".into(), out.to_string_lossy().to_string().into());
+        t.insert(
+            "output_dir".into(),
+            out.to_string_lossy().to_string().into(),
+        );
         t.insert("seed".into(), (self.seed as i64).into());
         for (k, v) in extra {
-            t.insert((*k).into(), toml::Value::try_from(v).context("override value")?);
+            t.insert(
+                (*k).into(),
+                toml::Value::try_from(v).context("override value")?,
+            );
         }
         let base: toml::Table = toml_text.parse().context("embedded stage config")?;
-        let steps = base.get("max_steps").and_then(|v| v.as_integer()).unwrap_or(100) as f64;
+        let steps = base
+            .get("max_steps")
+            .and_then(|v| v.as_integer())
+            .unwrap_or(100) as f64;
         let steps = match self.profile.fixed_steps {
             Some(n) => n as i64,
             None => (steps * self.profile.step_scale).round() as i64,
@@ -169,7 +216,11 @@ impl Pipeline {
             t.insert("test_dataset_length".into(), 8.into());
             t.insert("batch_size".into(), 4.into());
         }
-        let config = TrainConfig::resolve_str(toml_text, Path::new(&format!("configs/quickstart/{stage}.toml")), &[t])?;
+        let config = TrainConfig::resolve_str(
+            toml_text,
+            Path::new(&format!("configs/quickstart/{stage}.toml")),
+            &[t],
+        )?;
         let mut cmd = format!(
             "ferrotune {stage} --config configs/quickstart/{stage}.toml --model {} --data {} --output-dir {} --max-steps {steps} --seed {}",
             model.display(),
@@ -183,8 +234,12 @@ impl Pipeline {
         self.commands.push(cmd);
         let inputs = ferrotune::train::prepare::prepare(&config)?;
         let summary = ferrotune::train::run(&config, inputs)?;
-        self.losses.push((stage.to_string(), summary.train_losses.clone()));
-        Ok((summary.final_dir.expect("training writes final/"), summary.eval_metrics))
+        self.losses
+            .push((stage.to_string(), summary.train_losses.clone()));
+        Ok((
+            summary.final_dir.expect("training writes final/"),
+            summary.eval_metrics,
+        ))
     }
 }
 
@@ -202,20 +257,39 @@ fn r4(x: f64) -> Value {
 }
 
 fn chat_prompt(encoder: &Encoder, question: &str) -> anyhow::Result<Vec<u32>> {
-    Ok(encoder.encode(&encoder.render(&[Message::user(question.to_string())], true)?, false)?)
+    Ok(encoder.encode(
+        &encoder.render(&[Message::user(question.to_string())], true)?,
+        false,
+    )?)
 }
 
 /// Accuracy of one answer per problem (greedy at temperature 0), and the answers.
-fn accuracy(model: &LoadedModel, problems: &[(String, f64)], temperature: f64, seed: u64) -> anyhow::Result<(f64, Vec<String>)> {
+fn accuracy(
+    model: &LoadedModel,
+    problems: &[(String, f64)],
+    temperature: f64,
+    seed: u64,
+) -> anyhow::Result<(f64, Vec<String>)> {
     let tokenizer = model.tokenizer()?;
     let encoder = Encoder::new(tokenizer)?;
     let prompts: Vec<Prompt> = problems
         .iter()
         .enumerate()
-        .map(|(i, (q, _))| Ok(Prompt { ids: chat_prompt(&encoder, q)?, item: i as u64, n: 1, first_sample: 0 }))
+        .map(|(i, (q, _))| {
+            Ok(Prompt {
+                ids: chat_prompt(&encoder, q)?,
+                item: i as u64,
+                n: 1,
+                first_sample: 0,
+            })
+        })
         .collect::<anyhow::Result<_>>()?;
     let options = GenerateOptions {
-        params: SamplingParams { temperature, max_new_tokens: 96, ..Default::default() },
+        params: SamplingParams {
+            temperature,
+            max_new_tokens: 96,
+            ..Default::default()
+        },
         seed,
         stop_ids: tokenizer.stop_token_ids.clone(),
         batch_size: 64,
@@ -227,7 +301,9 @@ fn accuracy(model: &LoadedModel, problems: &[(String, f64)], temperature: f64, s
     let mut right = 0usize;
     for c in &completions {
         let text = tokenizer.decode(&c.ids, true)?.trim().to_string();
-        if extract_answer(&text).is_some_and(|a| ferrotune::data::answers_match(a, problems[c.prompt].1)) {
+        if extract_answer(&text)
+            .is_some_and(|a| ferrotune::data::answers_match(a, problems[c.prompt].1))
+        {
             right += 1;
         }
         answers.push(text);
@@ -236,7 +312,11 @@ fn accuracy(model: &LoadedModel, problems: &[(String, f64)], temperature: f64, s
 }
 
 /// The RM judge: each answer scored as the chat [user: question, assistant: answer].
-fn judge_scores(rm: &LoadedModel, problems: &[(String, f64)], answers: &[String]) -> anyhow::Result<Vec<f32>> {
+fn judge_scores(
+    rm: &LoadedModel,
+    problems: &[(String, f64)],
+    answers: &[String],
+) -> anyhow::Result<Vec<f32>> {
     let tokenizer = rm.tokenizer()?;
     let encoder = Encoder::new(tokenizer)?;
     let max_len = rm.decoder.config().max_position_embeddings;
@@ -251,29 +331,17 @@ fn judge_scores(rm: &LoadedModel, problems: &[(String, f64)], answers: &[String]
     Ok(reward_scores(&rm.decoder, &seqs, pad_id(tokenizer)?, 64)?)
 }
 
-/// Win rate of `a` over `b` (win 1, tie ½, loss 0; tie when |Δ| ≤ 1e-6) and its standard error.
+/// Win rate of `a` over `b` under the RM judge (CONTRACTS: win 1, tie ½, loss 0; a tie is
+/// |Δ| ≤ 1e-6), rounded for the report.
 fn win_rate(a: &[f32], b: &[f32]) -> Value {
-    let outcomes: Vec<f64> = a
+    use ferrotune::eval::winrate::{win_rate, Outcome, DEFAULT_TIE_EPSILON};
+    let outcomes: Vec<Outcome> = a
         .iter()
         .zip(b)
-        .map(|(x, y)| {
-            let d = (*x as f64) - (*y as f64);
-            if d.abs() <= 1e-6 {
-                0.5
-            } else if d > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        })
+        .map(|(x, y)| Outcome::from_scores(*x as f64, *y as f64, DEFAULT_TIE_EPSILON))
         .collect();
-    let n = outcomes.len().max(1) as f64;
-    let p = outcomes.iter().sum::<f64>() / n;
-    let se = (outcomes.iter().map(|s| (s - p).powi(2)).sum::<f64>() / n / n).sqrt();
-    json!({"win_rate": r4(p), "se": r4(se),
-           "wins": outcomes.iter().filter(|&&s| s == 1.0).count(),
-           "ties": outcomes.iter().filter(|&&s| s == 0.5).count(),
-           "losses": outcomes.iter().filter(|&&s| s == 0.0).count()})
+    let w = win_rate(&outcomes);
+    json!({"win_rate": r4(w.win_rate), "se": r4(w.se), "wins": w.wins, "ties": w.ties, "losses": w.losses})
 }
 
 fn model_config(vocab: usize, profile: &Profile) -> Value {
@@ -306,15 +374,48 @@ fn compute_curves(report: &BestOfNReport, profile: &Profile) -> Vec<(String, Vec
         let label = if weighted { "weighted vote" } else { "argmax" };
         let mut fixed = Vec::new();
         for &k in &ks {
-            let tokens: usize = report.per_problem.iter().flat_map(|p| &p.candidates).map(|c| c.verdict.rationale_tokens.iter().take(k).sum::<usize>()).sum();
-            let acc = report.per_problem.iter().filter(|p| p.picks_correctly(|c| c.verdict.p_yes[..k.min(c.verdict.p_yes.len())].iter().sum::<f64>() / k.min(c.verdict.p_yes.len()).max(1) as f64, weighted)).count() as f64 / problems;
+            let tokens: usize = report
+                .per_problem
+                .iter()
+                .flat_map(|p| &p.candidates)
+                .map(|c| c.verdict.rationale_tokens.iter().take(k).sum::<usize>())
+                .sum();
+            let acc = report
+                .per_problem
+                .iter()
+                .filter(|p| {
+                    p.picks_correctly(
+                        |c| {
+                            c.verdict.p_yes[..k.min(c.verdict.p_yes.len())]
+                                .iter()
+                                .sum::<f64>()
+                                / k.min(c.verdict.p_yes.len()).max(1) as f64
+                        },
+                        weighted,
+                    )
+                })
+                .count() as f64
+                / problems;
             fixed.push((tokens as f64, acc));
         }
         let mut adaptive = Vec::new();
         for tau in taus {
-            let prefix = |c: &ferrotune::infer::best_of_n::Candidate| c.verdict.adaptive_prefix(profile.k_min, profile.k_step, tau);
-            let tokens: usize = report.per_problem.iter().flat_map(|p| &p.candidates).map(|c| prefix(c).tokens).sum();
-            let acc = report.per_problem.iter().filter(|p| p.picks_correctly(|c| prefix(c).score, weighted)).count() as f64 / problems;
+            let prefix = |c: &ferrotune::infer::best_of_n::Candidate| {
+                c.verdict
+                    .adaptive_prefix(profile.k_min, profile.k_step, tau)
+            };
+            let tokens: usize = report
+                .per_problem
+                .iter()
+                .flat_map(|p| &p.candidates)
+                .map(|c| prefix(c).tokens)
+                .sum();
+            let acc = report
+                .per_problem
+                .iter()
+                .filter(|p| p.picks_correctly(|c| prefix(c).score, weighted))
+                .count() as f64
+                / problems;
             adaptive.push((tokens as f64, acc));
         }
         adaptive.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -327,33 +428,77 @@ fn compute_curves(report: &BestOfNReport, profile: &Profile) -> Vec<(String, Vec
 pub fn run(args: Args) -> anyhow::Result<()> {
     let total = Instant::now();
     let profile = Profile::new(args.smoke, &args.profile)?;
-    let dir = args.output_dir.clone().unwrap_or_else(|| PathBuf::from("runs/quickstart"));
+    let dir = args
+        .output_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("runs/quickstart"));
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut p = Pipeline { dir: dir.clone(), profile, seed: args.seed, seconds: Default::default(), losses: vec![], commands: vec![] };
+    let mut p = Pipeline {
+        dir: dir.clone(),
+        profile,
+        seed: args.seed,
+        seconds: Default::default(),
+        losses: vec![],
+        commands: vec![],
+    };
     let data = dir.join("data");
     let tokenizer_dir = dir.join("tokenizer");
     let init_dir = dir.join("models").join("init");
 
     p.timed("world", |p| {
         let difficulty = Difficulty::preset(p.profile.difficulty)?;
-        let mut world = WorldConfig { seed: p.seed, difficulty, ..WorldConfig::default() }.with_size(p.profile.world_size);
+        let mut world = WorldConfig {
+            seed: p.seed,
+            difficulty,
+            ..WorldConfig::default()
+        }
+        .with_size(p.profile.world_size);
         world.n_pretrain = p.profile.world_size * 5;
         world.n_test = p.profile.test_problems;
         let built = build_world(&world)?;
         built.write(&data)?;
         train_tokenizer(built.texts(), DEFAULT_VOCAB_SIZE, &tokenizer_dir)?;
         let tokenizer = ferrotune::io::Tokenizer::from_dir(&tokenizer_dir, None)?;
-        let config = ModelConfig::from_value(model_config(tokenizer.id_bound(), &p.profile), Path::new("quickstart config.json"))?;
+        let config = ModelConfig::from_value(
+            model_config(tokenizer.id_bound(), &p.profile),
+            Path::new("quickstart config.json"),
+        )?;
         let params = random_params(&config, p.seed, DType::F32, &Device::Cpu)?;
-        save_model(&Decoder::from_params(config, params)?, Some(&tokenizer_dir), &init_dir, DType::F32)?;
-        p.commands.push(format!("ferrotune data synth --out {} --seed {} --difficulty {} --tokenizer", data.display(), p.seed, p.profile.difficulty));
+        save_model(
+            &Decoder::from_params(config, params)?,
+            Some(&tokenizer_dir),
+            &init_dir,
+            DType::F32,
+        )?;
+        p.commands.push(format!(
+            "ferrotune data synth --out {} --seed {} --difficulty {} --tokenizer",
+            data.display(),
+            p.seed,
+            p.profile.difficulty
+        ));
         Ok(())
     })?;
-    let (pretrained, pretrain_eval) = p.timed("pretrain", |p| p.train("pretrain", &init_dir, &data.join("pretrain.jsonl"), &[]))?;
-    let (sft, _) = p.timed("sft", |p| p.train("sft", &pretrained, &data.join("sft.jsonl"), &[]))?;
-    let (dpo, dpo_eval) = p.timed("dpo", |p| p.train("dpo", &sft, &data.join("preference.jsonl"), &[]))?;
-    let correct = data.join("genrm_correct.jsonl").to_string_lossy().to_string();
-    let (genrm, genrm_eval) = p.timed("genrm", |p| p.train("genrm", &dpo, &data.join("genrm_verify.jsonl"), &[("correct_data", json!(correct))]))?;
+    let (pretrained, pretrain_eval) = p.timed("pretrain", |p| {
+        p.train("pretrain", &init_dir, &data.join("pretrain.jsonl"), &[])
+    })?;
+    let (sft, _) = p.timed("sft", |p| {
+        p.train("sft", &pretrained, &data.join("sft.jsonl"), &[])
+    })?;
+    let (dpo, dpo_eval) = p.timed("dpo", |p| {
+        p.train("dpo", &sft, &data.join("preference.jsonl"), &[])
+    })?;
+    let correct = data
+        .join("genrm_correct.jsonl")
+        .to_string_lossy()
+        .to_string();
+    let (genrm, genrm_eval) = p.timed("genrm", |p| {
+        p.train(
+            "genrm",
+            &dpo,
+            &data.join("genrm_verify.jsonl"),
+            &[("correct_data", json!(correct))],
+        )
+    })?;
     let (rm, rm_eval) = p.timed("rm", |p| p.train("rm", &sft, &data.join("rm.jsonl"), &[]))?;
 
     // Held-out problems.
@@ -362,7 +507,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .rows
         .iter()
         .filter_map(|r| match &r.example {
-            Example::Qa { question, answer } => extract_answer(answer).map(|a| (question.clone(), a)),
+            Example::Qa { question, answer } => {
+                extract_answer(answer).map(|a| (question.clone(), a))
+            }
             _ => None,
         })
         .collect();
@@ -371,7 +518,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut sampled = serde_json::Map::new();
     let mut answers = std::collections::BTreeMap::new();
     p.timed("accuracy", |p| {
-        for (name, dir) in [("pretrain", &pretrained), ("sft", &sft), ("dpo", &dpo), ("genrm", &genrm)] {
+        for (name, dir) in [
+            ("pretrain", &pretrained),
+            ("sft", &sft),
+            ("dpo", &dpo),
+            ("genrm", &genrm),
+        ] {
             let model = load_model(dir, DType::F32, &device)?;
             let (g, a) = accuracy(&model, &problems, 0.0, p.seed)?;
             let (s, _) = accuracy(&model, &problems, 1.0, p.seed)?;
@@ -421,7 +573,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
 
     let metric_or_nan = |eval: &[(String, f64)], name: &str| metric(eval, name).unwrap_or(f64::NAN);
-    let pretrain_loss = p.losses.iter().find(|(n, _)| n == "pretrain").and_then(|(_, l)| l.last()).map_or(f64::NAN, |x| x.1);
+    let pretrain_loss = p
+        .losses
+        .iter()
+        .find(|(n, _)| n == "pretrain")
+        .and_then(|(_, l)| l.last())
+        .map_or(f64::NAN, |x| x.1);
     let seconds_total = total.elapsed().as_secs_f64();
     let mut seconds = p.seconds.clone();
     seconds.insert("total".into(), json!((seconds_total * 10.0).round() / 10.0));
@@ -472,55 +629,133 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.json {
         super::print_json(&report);
     }
-    eprintln!("quickstart: report in {} ({:.0} s)", dir.join("report.md").display(), seconds_total);
+    eprintln!(
+        "quickstart: report in {} ({:.0} s)",
+        dir.join("report.md").display(),
+        seconds_total
+    );
     Ok(())
 }
 
-fn write_report(dir: &Path, report: &Value, p: &Pipeline, bon: &BestOfNReport) -> anyhow::Result<()> {
-    std::fs::write(dir.join("report.json"), serde_json::to_string_pretty(report)?)?;
+fn write_report(
+    dir: &Path,
+    report: &Value,
+    p: &Pipeline,
+    bon: &BestOfNReport,
+) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("report.json"),
+        serde_json::to_string_pretty(report)?,
+    )?;
     // Loss curves, one series per stage, x = step.
     let series: Vec<Series> = p
         .losses
         .iter()
-        .map(|(name, l)| Series { name: name.clone(), points: l.iter().map(|(s, v)| (*s as f64, *v)).collect(), markers: false })
+        .map(|(name, l)| Series {
+            name: name.clone(),
+            points: l.iter().map(|(s, v)| (*s as f64, *v)).collect(),
+            markers: false,
+        })
         .collect();
     line_chart(&dir.join("loss_curves.png"), &series, None)?;
     let curves = compute_curves(bon, &p.profile);
-    let compute: Vec<Series> = curves.iter().map(|(n, pts)| Series { name: n.clone(), points: pts.clone(), markers: true }).collect();
-    line_chart(&dir.join("bon_accuracy_vs_compute.png"), &compute, Some((0.0, 1.0)))?;
+    let compute: Vec<Series> = curves
+        .iter()
+        .map(|(n, pts)| Series {
+            name: n.clone(),
+            points: pts.clone(),
+            markers: true,
+        })
+        .collect();
+    line_chart(
+        &dir.join("bon_accuracy_vs_compute.png"),
+        &compute,
+        Some((0.0, 1.0)),
+    )?;
 
     let legend = |names: Vec<&str>| -> String {
-        names.iter().enumerate().map(|(i, n)| format!("{} = {n}", COLOURS[i % COLOURS.len()].0)).collect::<Vec<_>>().join(", ")
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("{} = {n}", COLOURS[i % COLOURS.len()].0))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     let get = |k: &str| report[k].to_string();
     let mut md = String::new();
-    md.push_str(&format!("# ferrotune quickstart report ({} profile, seed {})\n\n", report["profile"].as_str().unwrap_or(""), p.seed));
+    md.push_str(&format!(
+        "# ferrotune quickstart report ({} profile, seed {})\n\n",
+        report["profile"].as_str().unwrap_or(""),
+        p.seed
+    ));
     md.push_str("Pipeline: synthetic arithmetic world → tokenizer → pretrain → SFT → DPO → GenRM-CoT verifier (from DPO) and Bradley–Terry RM (from SFT); evaluated on held-out problems.\n\n");
     md.push_str("## Accuracy per stage (held-out problems)\n\n| model | greedy | sampled (T=1) |\n|---|---|---|\n");
     for stage in ["pretrain", "sft", "dpo", "genrm"] {
-        md.push_str(&format!("| {stage} | {} | {} |\n", report["greedy_accuracy"][stage], report["sampled_accuracy"][stage]));
+        md.push_str(&format!(
+            "| {stage} | {} | {} |\n",
+            report["greedy_accuracy"][stage], report["sampled_accuracy"][stage]
+        ));
     }
     md.push_str(&format!("\n## Best-of-{} with the GenRM-CoT verifier (policy: DPO model, first {} held-out problems)\n\n", bon.n, bon.problems));
     md.push_str("| selection | accuracy | verifier tokens |\n|---|---|---|\n");
-    md.push_str(&format!("| first sample | {} | – |\n| majority vote | {} | – |\n| pass@N (oracle) | {} | – |\n", get("first_sample_accuracy"), get("majority_vote_accuracy"), get("pass_at_n")));
-    md.push_str(&format!("| verifier argmax, fixed K={} | {} | {} |\n", bon.fixed.k, get("bon_fixed_k32_accuracy"), bon.fixed.verifier_tokens));
-    md.push_str(&format!("| verifier argmax, adaptive K (mean {:.2}) | {} | {} |\n", bon.adaptive.k, get("bon_adaptive_accuracy"), bon.adaptive.verifier_tokens));
-    md.push_str(&format!("| weighted vote, fixed K | {} | {} |\n", report["bon_weighted_vote_accuracy"]["fixed"], bon.fixed.verifier_tokens));
-    md.push_str(&format!("| weighted vote, adaptive K | {} | {} |\n", report["bon_weighted_vote_accuracy"]["adaptive"], bon.adaptive.verifier_tokens));
+    md.push_str(&format!(
+        "| first sample | {} | – |\n| majority vote | {} | – |\n| pass@N (oracle) | {} | – |\n",
+        get("first_sample_accuracy"),
+        get("majority_vote_accuracy"),
+        get("pass_at_n")
+    ));
+    md.push_str(&format!(
+        "| verifier argmax, fixed K={} | {} | {} |\n",
+        bon.fixed.k,
+        get("bon_fixed_k32_accuracy"),
+        bon.fixed.verifier_tokens
+    ));
+    md.push_str(&format!(
+        "| verifier argmax, adaptive K (mean {:.2}) | {} | {} |\n",
+        bon.adaptive.k,
+        get("bon_adaptive_accuracy"),
+        bon.adaptive.verifier_tokens
+    ));
+    md.push_str(&format!(
+        "| weighted vote, fixed K | {} | {} |\n",
+        report["bon_weighted_vote_accuracy"]["fixed"], bon.fixed.verifier_tokens
+    ));
+    md.push_str(&format!(
+        "| weighted vote, adaptive K | {} | {} |\n",
+        report["bon_weighted_vote_accuracy"]["adaptive"], bon.adaptive.verifier_tokens
+    ));
     md.push_str(&format!(
         "\nVerifier AUC over {} distinct candidates: {}. Policy tokens sampled: {}.\n\n",
-        bon.distinct_candidates, get("verifier_auc"), bon.policy_tokens
+        bon.distinct_candidates,
+        get("verifier_auc"),
+        bon.policy_tokens
     ));
     md.push_str("## Other metrics\n\n| metric | value |\n|---|---|\n");
-    for key in ["pretrain_loss", "pretrain_eval_loss", "dpo_preference_accuracy", "rm_pairwise_accuracy", "dpo_vs_sft_win_rate"] {
+    for key in [
+        "pretrain_loss",
+        "pretrain_eval_loss",
+        "dpo_preference_accuracy",
+        "rm_pairwise_accuracy",
+        "dpo_vs_sft_win_rate",
+    ] {
         md.push_str(&format!("| {key} | {} |\n", report[key]));
     }
     for stage in ["sft", "dpo", "genrm"] {
-        md.push_str(&format!("| win rate vs pretrained, {stage} (RM judge) | {} |\n", report["win_rate_vs_base"][stage]));
+        md.push_str(&format!(
+            "| win rate vs pretrained, {stage} (RM judge) | {} |\n",
+            report["win_rate_vs_base"][stage]
+        ));
     }
-    md.push_str(&format!("| verifier eval (teacher-forced) | {} |\n", report["verifier_eval"]));
+    md.push_str(&format!(
+        "| verifier eval (teacher-forced) | {} |\n",
+        report["verifier_eval"]
+    ));
     md.push_str("\n## Seconds per stage\n\n| stage | seconds |\n|---|---|\n");
-    for (k, v) in report["seconds_per_stage"].as_object().into_iter().flatten() {
+    for (k, v) in report["seconds_per_stage"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
         md.push_str(&format!("| {k} | {v} |\n"));
     }
     let ((lx0, lx1), (ly0, ly1)) = plot::ranges(&series);

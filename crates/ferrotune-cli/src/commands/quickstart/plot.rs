@@ -29,7 +29,11 @@ struct Canvas {
 
 impl Canvas {
     fn new(width: usize, height: usize) -> Self {
-        Canvas { width, height, pixels: vec![255; width * height * 3] }
+        Canvas {
+            width,
+            height,
+            pixels: vec![255; width * height * 3],
+        }
     }
 
     fn set(&mut self, x: i64, y: i64, colour: [u8; 3]) {
@@ -74,13 +78,26 @@ impl Canvas {
 
 /// Draws `series` on shared axes (x from 0 or the data minimum, y over the data range with a
 /// margin, or `y_range` when given) and writes a PNG.
-pub fn line_chart(path: &Path, series: &[Series], y_range: Option<(f64, f64)>) -> anyhow::Result<()> {
+pub fn line_chart(
+    path: &Path,
+    series: &[Series],
+    y_range: Option<(f64, f64)>,
+) -> anyhow::Result<()> {
     let (width, height) = (640usize, 400usize);
     let (left, right, top, bottom) = (50i64, 20i64, 20i64, 40i64);
     let mut canvas = Canvas::new(width, height);
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
-    let (mut x_min, mut x_max) = all.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let (mut y_min, mut y_max) = y_range.unwrap_or_else(|| all.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1))));
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    let (mut x_min, mut x_max) = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let (mut y_min, mut y_max) = y_range.unwrap_or_else(|| {
+        all.iter()
+            .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)))
+    });
     if all.is_empty() {
         (x_min, x_max, y_min, y_max) = (0.0, 1.0, 0.0, 1.0);
     }
@@ -91,7 +108,11 @@ pub fn line_chart(path: &Path, series: &[Series], y_range: Option<(f64, f64)>) -
         y_max = y_min + 1.0;
     }
     let pad = (y_max - y_min) * 0.05;
-    let (y_min, y_max) = if y_range.is_some() { (y_min, y_max) } else { (y_min - pad, y_max + pad) };
+    let (y_min, y_max) = if y_range.is_some() {
+        (y_min, y_max)
+    } else {
+        (y_min - pad, y_max + pad)
+    };
     let plot_w = width as i64 - left - right;
     let plot_h = height as i64 - top - bottom;
     let to_px = |(x, y): (f64, f64)| -> (i64, i64) {
@@ -106,11 +127,21 @@ pub fn line_chart(path: &Path, series: &[Series], y_range: Option<(f64, f64)>) -
         canvas.line((left, gy), (left + plot_w, gy), [225, 225, 225]);
         canvas.line((gx, top), (gx, top + plot_h), [225, 225, 225]);
     }
-    canvas.line((left, top + plot_h), (left + plot_w, top + plot_h), [0, 0, 0]);
+    canvas.line(
+        (left, top + plot_h),
+        (left + plot_w, top + plot_h),
+        [0, 0, 0],
+    );
     canvas.line((left, top), (left, top + plot_h), [0, 0, 0]);
     for (i, s) in series.iter().enumerate() {
         let colour = COLOURS[i % COLOURS.len()].1;
-        let pts: Vec<(i64, i64)> = s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).map(to_px).collect();
+        let pts: Vec<(i64, i64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|p| p.0.is_finite() && p.1.is_finite())
+            .map(to_px)
+            .collect();
         for w in pts.windows(2) {
             canvas.line(w[0], w[1], colour);
         }
@@ -120,7 +151,8 @@ pub fn line_chart(path: &Path, series: &[Series], y_range: Option<(f64, f64)>) -
             }
         }
     }
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width as u32, height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
@@ -131,8 +163,16 @@ pub fn line_chart(path: &Path, series: &[Series], y_range: Option<(f64, f64)>) -
 
 /// The axis ranges a chart of `series` uses, for the caption in report.md.
 pub fn ranges(series: &[Series]) -> ((f64, f64), (f64, f64)) {
-    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
-    let x = all.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
-    let y = all.iter().fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .filter(|p| p.0.is_finite() && p.1.is_finite())
+        .collect();
+    let x = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.0), a.1.max(p.0)));
+    let y = all
+        .iter()
+        .fold((f64::MAX, f64::MIN), |a, p| (a.0.min(p.1), a.1.max(p.1)));
     (x, y)
 }
