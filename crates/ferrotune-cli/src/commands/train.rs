@@ -110,6 +110,9 @@ pub struct Args {
     /// DPO reference model (default: the starting model).
     #[arg(long)]
     ref_model: Option<PathBuf>,
+    /// SFT eval: rows whose greedy generation is scored by normalised edit distance (0 = off).
+    #[arg(long)]
+    eval_generate: Option<i64>,
     /// GenRM: weight λ of the correct-solution term (L = L_verify + λ·L_correct).
     #[arg(long)]
     lambda: Option<f64>,
@@ -194,6 +197,7 @@ impl Args {
         put(&mut t, "label_smoothing", self.label_smoothing);
         put(&mut t, "loss_type", self.loss_type.clone());
         put(&mut t, "ref_model", path(&self.ref_model));
+        put(&mut t, "eval_generate", self.eval_generate);
         put(&mut t, "lambda", self.lambda);
         put(&mut t, "correct_data", path(&self.correct_data));
         let mut overrides = vec![t];

@@ -86,9 +86,11 @@ fn sft_sanity_train_overfits_32_chats() {
         .rev()
         .find(|r| r["split"] == "eval")
         .unwrap();
-    for key in ["loss", "token_accuracy", "perplexity"] {
+    for key in ["loss", "token_accuracy", "perplexity", "edit_distance"] {
         assert!(eval.get(key).is_some(), "eval row lacks {key}");
     }
+    // The overfit model reproduces its training answers: small edit distance.
+    assert!(eval["edit_distance"].as_f64().unwrap() < 0.2, "{eval}");
     assert!(summary["eval"]["token_accuracy"].as_f64().unwrap() > 0.9);
     // The run directory holds the resolved config, TensorBoard events and an HF final model.
     let config = std::fs::read_to_string(out.join("config.toml")).unwrap();

@@ -99,6 +99,10 @@ pub struct TrainConfig {
     pub loss_type: DpoLossType,
     pub ref_model: Option<PathBuf>,
 
+    /// SFT/pretrain eval: rows whose greedy generation is compared with the reference by
+    /// normalised edit distance (the seed study's SFT metric); 0 disables.
+    pub eval_generate: usize,
+
     /// GenRM: weight λ of the correct-solution term, `L = L_verify + λ·L_correct`.
     pub lambda: f64,
     /// GenRM: D_correct (correct solutions); `data` is then D_verify.
@@ -152,6 +156,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             loss_type: DpoLossType::Sigmoid,
             ref_model: None,
+            eval_generate: 16,
             lambda: 0.1,
             correct_data: None,
         }

@@ -126,5 +126,6 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
         tokenizer_dir: config.model.clone(),
         pad_id: pad_id(&tokenizer)?,
         verdict_ids: crate::infer::verify::verdict_ids(&tokenizer).ok(),
+        stop_ids: tokenizer.stop_token_ids.clone(),
     })
 }

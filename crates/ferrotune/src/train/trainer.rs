@@ -95,6 +95,8 @@ pub struct TrainInputs {
     pub pad_id: u32,
     /// First tokens of " Yes" / " No", for GenRM validation.
     pub verdict_ids: Option<(u32, u32)>,
+    /// End-of-sequence ids of the tokenizer.
+    pub stop_ids: Vec<u32>,
 }
 
 pub struct RunSummary {
@@ -189,6 +191,8 @@ struct Runner<'a> {
     pad_id: u32,
     /// The first tokens of " Yes" and " No" (GenRM validation reads p(Yes) there).
     verdict_ids: Option<(u32, u32)>,
+    /// End-of-sequence ids (greedy generations for `edit_distance` stop there).
+    stop_ids: Vec<u32>,
     dpo: DpoParams,
     /// Reference log-probs per pair (chosen, rejected), by split.
     reference: BTreeMap<&'static str, Vec<(f32, f32)>>,
@@ -405,6 +409,14 @@ impl Runner<'_> {
         let mut out = vec![("loss".to_string(), mean_loss)];
         if matches!(self.objective, Objective::Sft | Objective::Pretrain) {
             out.push(("perplexity".to_string(), mean_loss.exp()));
+            if let (Examples::Sequences(seqs), true) =
+                (examples, limit.is_none() && self.config.eval_generate > 0)
+            {
+                out.push((
+                    "edit_distance".to_string(),
+                    self.edit_distance(decoder, seqs)?,
+                ));
+            }
         }
         out.extend(sums.into_iter().map(|(n, v)| (n.to_string(), v / count)));
         if genrm {
@@ -431,6 +443,75 @@ impl Runner<'_> {
         }
         Ok(out)
     }
+}
+
+impl Runner<'_> {
+    /// Mean normalised Levenshtein distance between the greedy continuation of each row's
+    /// prompt (the tokens before its first target) and its reference (the target tokens), on the
+    /// first `eval_generate` rows: 0 is a perfect copy, 1 shares nothing.
+    fn edit_distance(&self, decoder: &Decoder, seqs: &[TokenizedSequence]) -> Result<f64> {
+        use crate::infer::{generate, GenerateOptions, Prompt, SamplingParams};
+        let mut prompts = Vec::new();
+        let mut references = Vec::new();
+        for s in seqs.iter().take(self.config.eval_generate) {
+            let Some(first) = s.targets.iter().position(|&t| t) else {
+                continue;
+            };
+            if first == 0 {
+                continue;
+            }
+            let reference: Vec<u32> = s.input_ids[first..]
+                .iter()
+                .zip(&s.targets[first..])
+                .filter(|(_, &t)| t)
+                .map(|(&i, _)| i)
+                .collect();
+            prompts.push(Prompt {
+                ids: s.input_ids[..first].to_vec(),
+                item: prompts.len() as u64,
+                n: 1,
+                first_sample: 0,
+            });
+            references.push(reference);
+        }
+        if prompts.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let longest = references.iter().map(|r| r.len()).max().unwrap_or(1);
+        let options = GenerateOptions {
+            params: SamplingParams::greedy(longest + 8),
+            seed: self.config.seed,
+            stop_ids: self.stop_ids.clone(),
+            batch_size: 32,
+            tokenizer: None,
+            capture_after_stop: None,
+        };
+        let completions = generate(decoder, &prompts, &options)?;
+        let total: f64 = completions
+            .iter()
+            .map(|c| normalized_edit_distance(&c.ids, &references[c.prompt]))
+            .sum();
+        Ok(total / completions.len() as f64)
+    }
+}
+
+/// Levenshtein distance of two token sequences divided by the longer length.
+pub fn normalized_edit_distance(a: &[u32], b: &[u32]) -> f64 {
+    let longest = a.len().max(b.len());
+    if longest == 0 {
+        return 0.0;
+    }
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, x) in a.iter().enumerate() {
+        let mut current = vec![i + 1; b.len() + 1];
+        for (j, y) in b.iter().enumerate() {
+            current[j + 1] = (previous[j] + usize::from(x != y))
+                .min(previous[j + 1] + 1)
+                .min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[b.len()] as f64 / longest as f64
 }
 
 /// Turns a causal-LM config into the matching `*ForSequenceClassification` with one label
@@ -706,6 +787,7 @@ pub fn time_steps(
         device,
         pad_id: 0,
         verdict_ids: None,
+        stop_ids: Vec::new(),
         dpo: DpoParams {
             beta: config.beta,
             label_smoothing: config.label_smoothing,
@@ -768,6 +850,7 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         device: device.clone(),
         pad_id: inputs.pad_id,
         verdict_ids: inputs.verdict_ids,
+        stop_ids: inputs.stop_ids.clone(),
         dpo: DpoParams {
             beta: config.beta,
             label_smoothing: config.label_smoothing,
@@ -942,4 +1025,20 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         train_losses,
         eval_metrics,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalized_edit_distance;
+
+    #[test]
+    fn edit_distance_by_hand() {
+        assert_eq!(normalized_edit_distance(&[1, 2, 3], &[1, 2, 3]), 0.0);
+        // kitten → sitting: 3 edits over 7.
+        let kitten = [10, 8, 19, 19, 4, 13];
+        let sitting = [18, 8, 19, 19, 8, 13, 6];
+        assert!((normalized_edit_distance(&kitten, &sitting) - 3.0 / 7.0).abs() < 1e-12);
+        assert_eq!(normalized_edit_distance(&[], &[5, 6]), 1.0);
+        assert_eq!(normalized_edit_distance(&[], &[]), 0.0);
+    }
 }
