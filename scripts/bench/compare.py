@@ -524,14 +524,18 @@ def render(results):
     out = [f"## ferrotune vs PyTorch, {results['date']}", ""]
     bw, mm = m.get("bandwidth", {}), m.get("matmul_peak", {})
     out.append(f"Machine: {m.get('model_name', '?')}, {m.get('cpus')} CPUs, {m.get('mem_total_gib')} GiB; "
-               f"{m['threads']} threads for both sides; torch {torch_version}, ferrotune "
-               f"{m.get('git_commit', '?')}{' (dirty)' if m.get('git_dirty') else ''}.")
+               f"{m['threads']} threads for both sides; torch {torch_version}; repository at "
+               f"{m.get('git_commit', '?')}{' (dirty)' if m.get('git_dirty') else ''}"
+               + (f", ferrotune binary {m['ferrotune_bin']['path']} built {m['ferrotune_bin']['modified']}"
+                  if m.get("ferrotune_bin") else "") + ".")
     if bw:
         out.append(f"Read bandwidth (numpy sum of 1 GiB): {bw.get('one_thread_gb_s')} GB/s on one thread, "
                    f"{bw.get(str(m['threads']) + '_threads_gb_s')} GB/s on {m['threads']}.")
     if mm:
-        out.append(f"Matmul peak ({mm['n']}³, torch, {mm['threads']} threads): bf16 {mm.get('bf16_gflops')} "
-                   f"GFLOP/s, fp32 {mm.get('fp32_gflops')} GFLOP/s.")
+        spread = lambda k: (f" (windows {min(mm[k])}–{max(mm[k])})" if mm.get(k) else "")
+        out.append(f"Matmul peak ({mm['n']}³, torch, {mm['threads']} threads, best 0.5 s window): bf16 "
+                   f"{mm.get('bf16_gflops')} GFLOP/s{spread('bf16_gflops_windows')}, fp32 {mm.get('fp32_gflops')} "
+                   f"GFLOP/s{spread('fp32_gflops_windows')}.")
     if m.get("torch_import_rss_mb"):
         out.append(f"PyTorch's peak RSS includes about {m['torch_import_rss_mb']:.0f} MB for python + torch + "
                    f"transformers before any model exists.")
@@ -593,6 +597,11 @@ def main():
     results = {"date": now.isoformat(timespec="seconds"), "command": sys.argv, "what": args.what,
                "machine": machine, "shapes": {}}
 
+    if os.path.exists(args.bin):  # the repository's commit need not be the one the binary was built from
+        with open(args.bin, "rb") as f:
+            machine["ferrotune_bin"] = {"path": args.bin, "sha256": hashlib.sha256(f.read()).hexdigest()[:16],
+                                        "modified": datetime.datetime.fromtimestamp(
+                                            os.path.getmtime(args.bin)).isoformat(timespec="seconds")}
     status = None if args.skip_ferrotune else ferrotune_status(args.bin)
     if status:
         log(f"ferrotune side skipped: {status}")

@@ -3,12 +3,14 @@
 construction, sdpa attention, autocast, 32-token random prompt, KV cache, warm-up call), with the batch
 size as a parameter and the prefill timed on its own so that decode-only speed can be compared too.
 
-Timings: `generate_seconds` is one `generate` of N new tokens (prefill included: the anchor's
-definition, tokens/s = B·N / generate_seconds); `prefill_seconds` is one `generate` of a single token
+Timings: `generate_seconds` is a `generate` of N new tokens (prefill included: the anchor's
+definition, tokens/s = B·N / generate_seconds); `prefill_seconds` is a `generate` of a single token
 (the prompt forward plus picking the first token); decode-only tokens/s = B·(N − 1) / (generate − prefill),
-the N − 1 cached forward steps.
+the N − 1 cached forward steps. Each is the median of --repeats calls (the anchor times one call; at
+the tiny shape one call lasts a fraction of a second and varies by up to 2× from run to run).
 
 Usage: python torch_decode.py {tiny|qwen05} [threads] [fp32|bf16] [--batch B] [--prompt-len P] [--new-tokens N]
+       [--repeats R]
 Prints one JSON object on stdout.
 """
 import argparse
@@ -31,6 +33,7 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     new_tokens = args.new_tokens or NEW_TOKENS[args.which]
     autocast = args.mode == "bf16"
@@ -53,12 +56,15 @@ def main():
 
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         generate(4)  # warm-up, as the anchor
-        generate_seconds = generate(new_tokens)
-        prefill_seconds = generate(1)
+        generate_times = [generate(new_tokens) for _ in range(args.repeats)]
+        prefill_times = [generate(1) for _ in range(args.repeats)]
+    generate_seconds = sorted(generate_times)[len(generate_times) // 2]
+    prefill_seconds = sorted(prefill_times)[len(prefill_times) // 2]
     B, N = args.batch, new_tokens
     print(json.dumps({
         "which": args.which, "threads": args.threads, "autocast_bf16": autocast, "params": n_params,
         "torch": torch.__version__, "batch_size": B, "prompt_len": args.prompt_len, "new_tokens": N,
+        "repeats": args.repeats, "generate_seconds_all": [round(x, 4) for x in generate_times],
         "generate_seconds": round(generate_seconds, 4), "prefill_seconds": round(prefill_seconds, 4),
         "generate_tokens_per_s": round(B * N / generate_seconds, 1),
         "decode_tokens_per_s": round(B * (N - 1) / max(generate_seconds - prefill_seconds, 1e-9), 1),
