@@ -14,8 +14,6 @@
 //! the first token of " Yes" and of " No" (leading space, as in genrm-critiques); `raw_p_yes`
 //! gives the unnormalised probability instead.
 
-use candle_core::{DType, Tensor};
-
 use super::generate::{generate, FinishReason, GenerateOptions, Prompt};
 use super::sampler::{probabilities, SamplingParams};
 use crate::error::{Error, Result};
@@ -253,35 +251,6 @@ pub fn auc(scored: &[(f64, bool)]) -> Option<f64> {
     Some(wins / (positives.len() * negatives.len()) as f64)
 }
 
-/// Next-token logits after each of `sequences` (one forward each, batched with right padding).
-fn last_logits(
-    decoder: &Decoder,
-    sequences: &[Vec<u32>],
-    batch_size: usize,
-) -> Result<Vec<Vec<f32>>> {
-    let device = decoder.device().clone();
-    let mut out = Vec::with_capacity(sequences.len());
-    for chunk in sequences.chunks(batch_size.max(1)) {
-        let width = chunk.iter().map(|s| s.len()).max().unwrap_or(1);
-        let mut ids = Vec::with_capacity(chunk.len() * width);
-        let mut mask = Vec::with_capacity(chunk.len() * width);
-        for s in chunk {
-            ids.extend_from_slice(s);
-            ids.extend(std::iter::repeat_n(0u32, width - s.len()));
-            mask.extend(std::iter::repeat_n(1u32, s.len()));
-            mask.extend(std::iter::repeat_n(0u32, width - s.len()));
-        }
-        let input = Tensor::from_vec(ids, (chunk.len(), width), &device)?;
-        let mask = Tensor::from_vec(mask, (chunk.len(), width), &device)?;
-        let hidden = decoder.forward_hidden(&input, Some(&mask))?;
-        let lengths: Vec<usize> = chunk.iter().map(|s| s.len()).collect();
-        let last = crate::model::decoder::gather_last_token(&hidden, &lengths)?;
-        let logits = crate::model::ops::linear(&last, decoder.head_weight(), None)?;
-        out.extend(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?);
-    }
-    Ok(out)
-}
-
 /// Verifies items given as verifier input texts (each ending with "Let's verify step by
 /// step.\n" for CoT, or with the verdict question for Direct). `items[i]` is seeded as item i.
 pub fn verify(
@@ -326,7 +295,7 @@ pub fn verify_items(
         }
     }
     if options.mode == Mode::Direct {
-        let logits = last_logits(decoder, &prompts, options.batch_size)?;
+        let logits = decoder.last_token_outputs(&prompts, 0, options.batch_size)?;
         return Ok(logits
             .iter()
             .map(|l| {
@@ -411,7 +380,7 @@ pub fn verify_items(
             reads.push(ids);
             read_rows.push(j);
         }
-        let logits = last_logits(decoder, &reads, options.batch_size)?;
+        let logits = decoder.last_token_outputs(&reads, 0, options.batch_size)?;
         for (&j, l) in read_rows.iter().zip(&logits) {
             values[j] = Some(p_yes(l, yes, no, options.raw_p_yes));
         }

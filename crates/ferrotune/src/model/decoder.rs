@@ -251,6 +251,44 @@ impl Decoder {
         ops::linear(&hidden, &self.head, None)
     }
 
+    /// The head's outputs at the last token of each sequence (next-token logits for a causal LM,
+    /// scores for a classifier), `batch_size` sequences per right-padded forward pass.
+    /// `pad_id` fills the padding (masked, so its value never matters). Empty sequences are an
+    /// error.
+    pub fn last_token_outputs(
+        &self,
+        sequences: &[Vec<u32>],
+        pad_id: u32,
+        batch_size: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let device = self.device().clone();
+        let mut out = Vec::with_capacity(sequences.len());
+        for chunk in sequences.chunks(batch_size.max(1)) {
+            if chunk.iter().any(|s| s.is_empty()) {
+                return Err(Error::invalid(
+                    "cannot read the last token of an empty sequence",
+                ));
+            }
+            let width = chunk.iter().map(|s| s.len()).max().unwrap_or(1);
+            let mut ids = Vec::with_capacity(chunk.len() * width);
+            let mut mask = Vec::with_capacity(chunk.len() * width);
+            for s in chunk {
+                ids.extend_from_slice(s);
+                ids.extend(std::iter::repeat_n(pad_id, width - s.len()));
+                mask.extend(std::iter::repeat_n(1u32, s.len()));
+                mask.extend(std::iter::repeat_n(0u32, width - s.len()));
+            }
+            let input = Tensor::from_vec(ids, (chunk.len(), width), &device)?;
+            let mask = Tensor::from_vec(mask, (chunk.len(), width), &device)?;
+            let hidden = self.forward_hidden(&input, Some(&mask))?;
+            let lengths: Vec<usize> = chunk.iter().map(|s| s.len()).collect();
+            let last = gather_last_token(&hidden, &lengths)?;
+            let outputs = ops::linear(&last, &self.head, None)?;
+            out.extend(outputs.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        }
+        Ok(out)
+    }
+
     /// Runs new tokens `input_ids` [B, T] against `cache` and appends their keys and values.
     ///
     /// `step_mask` ([B][T]) marks real tokens; a 0 marks padding (e.g. left padding of a
