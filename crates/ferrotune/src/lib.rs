@@ -6,6 +6,7 @@
 //! so that models move freely between ferrotune and transformers.
 
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod eval;
 pub mod infer;

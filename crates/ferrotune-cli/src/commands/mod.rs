@@ -21,7 +21,7 @@ use candle_core::Device;
 /// The device commands compute on: CUDA 0 when built with the `cuda` feature and a GPU is
 /// present, else the CPU.
 pub fn device() -> anyhow::Result<Device> {
-    Ok(Device::cuda_if_available(0)?)
+    Ok(ferrotune::device::select()?)
 }
 
 /// Prints one JSON object on stdout (the `--json` contract).

@@ -823,7 +823,7 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
     let run_dir = config.run_dir();
     std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
     crate::io::checkpoint::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
-    let device = Device::cuda_if_available(0)?;
+    let device = crate::device::select()?;
     let dtype = parse_dtype(&config.precision)?;
     if device.is_cpu() && dtype == DType::BF16 {
         return Err(Error::invalid(

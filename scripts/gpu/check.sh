@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on the GPU machine (NVIDIA driver, CUDA 13, PyTorch + transformers,
+# no Rust, no internet), from the repository root, with target/gpu/ built by scripts/gpu/build.sh:
+#   1. CUDA logits against CPU logits on the fixture models (same binary, FERROTUNE_DEVICE);
+#   2. the bf16 matmul peak that MFU is measured against;
+#   3. the SFT step of the Qwen2.5-0.5B shape at seq 2048, largest batch that fits, ferrotune and
+#      PyTorch + transformers on the same GPU, with tokens/s, MFU and the ratio;
+#   4. batched greedy decode at batch 32, ferrotune and HF `generate`.
+# Everything is printed and also written to ${OUT:-target/gpu-check}/gpu-check.json.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-target/gpu-check}
+mkdir -p "$OUT"
+BIN=${FERROTUNE_BIN:-target/gpu/ferrotune}
+PY=${PYTHON:-python3}
+# The device tool carries at most 64 MiB: build.sh also leaves an xz copy (about 10 MB).
+if [ ! -x "$BIN" ] && [ -f target/gpu-carry/ferrotune.xz ]; then
+  BIN=/tmp/ferrotune-cuda
+  $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    target/gpu-carry/ferrotune.xz $BIN && chmod +x $BIN
+fi
+SEQ=${SEQ_LEN:-2048}
+LOG=$OUT/gpu-check.log
+exec > >(tee "$LOG") 2>&1
+
+# The CUDA runtime libraries the binary links (cublas, cublasLt, cudart, curand) come from the
+# machine's PyTorch install.
+NV=$($PY -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null)/nvidia
+LIBS=$(find "$NV" -maxdepth 3 -type d -name lib 2>/dev/null | tr '\n' ':')
+export LD_LIBRARY_PATH="${LIBS}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$BIN --version || { echo "check.sh: $BIN does not start (missing libraries?)"; ldd "$BIN" | grep 'not found'; exit 1; }
+
+results=${PARTS:-/tmp/gpu-check-parts}
+mkdir -p "$results"
+
+echo "== 1. CUDA vs CPU logits on the fixtures"
+for m in qwen2-tiny llama-tiny llama-linear; do
+  for prec in f32 bf16; do
+    FERROTUNE_DEVICE=cpu $BIN score --model tests/fixtures/$m --text-file tests/fixtures/hello.txt \
+      --precision f32 --json >"$results/score-$m-cpu.json"
+    FERROTUNE_DEVICE=cuda $BIN score --model tests/fixtures/$m --text-file tests/fixtures/hello.txt \
+      --precision $prec --json >"$results/score-$m-cuda-$prec.json"
+  done
+done
+$PY - "$results" <<'PYEOF'
+import json, sys, os
+d = sys.argv[1]; out = {}
+for m in ["qwen2-tiny", "llama-tiny", "llama-linear"]:
+    cpu = json.load(open(os.path.join(d, f"score-{m}-cpu.json")))
+    for prec, tol in [("f32", 1e-4), ("bf16", 0.15)]:
+        gpu = json.load(open(os.path.join(d, f"score-{m}-cuda-{prec}.json")))
+        assert cpu["ids"] == gpu["ids"], m
+        diff = max(abs(a - b) for a, b in zip(cpu["logprobs"], gpu["logprobs"]) if a is not None)
+        out[f"{m}/{prec}"] = {"max_abs_logprob_diff": diff, "tolerance": tol, "ok": diff <= tol}
+print(json.dumps(out))
+json.dump(out, open(os.path.join(d, "parity.json"), "w"))
+PYEOF
+
+echo "== 2. bf16 matmul peak"
+$PY scripts/gpu/torch_gpu.py peak | tee "$results/peak.json"
+
+echo "== 3. SFT step, Qwen2.5-0.5B shape, seq $SEQ"
+MODEL=/tmp/ferrotune-qwen05
+[ -d $MODEL ] || $BIN init-model --config scripts/bench/configs/qwen05.json \
+  --tokenizer tests/fixtures/tokenizer --out $MODEL --seed 0 --dtype f32 >/dev/null
+for b in ${FERROTUNE_BATCHES:-4 2 1}; do
+  if timeout 150 $BIN bench train --model $MODEL --batch-size $b --seq-len $SEQ --steps 3 \
+      --precision bf16 >"$results/ferrotune-train.json" 2>"$results/ferrotune-train.err"; then
+    cat "$results/ferrotune-train.json"; break
+  fi
+  echo "ferrotune batch $b failed: $(tail -c 300 "$results/ferrotune-train.err")"
+done
+timeout 200 $PY scripts/gpu/torch_gpu.py train --seq-len $SEQ --batches ${TORCH_BATCHES:-16,8,4,2} \
+  | tee "$results/torch-train.json"
+
+echo "== 4. decode, batch 32"
+timeout 90 $BIN bench decode --model $MODEL --batch-size 32 --prompt-len 32 --new-tokens 64 \
+  --precision bf16 | tee "$results/ferrotune-decode.json"
+timeout 90 $PY scripts/gpu/torch_gpu.py decode --batch 32 --prompt-len 32 --new-tokens 64 \
+  | tee "$results/torch-decode.json"
+
+$PY - "$results" "$OUT/gpu-check.json" <<'PYEOF'
+import json, sys, os
+d = sys.argv[1]
+def load(name):
+    try:
+        return json.load(open(os.path.join(d, name)))
+    except Exception as e:
+        return {"error": str(e)}
+r = {k: load(k + ".json") for k in ["parity", "peak", "ferrotune-train", "torch-train",
+                                      "ferrotune-decode", "torch-decode"]}
+peak = r["peak"].get("bf16_matmul_tflops")
+for k in ["ferrotune-train", "torch-train"]:
+    t = r[k]
+    if "tokens_per_s" in t and peak:
+        t["mfu"] = 6 * t["num_parameters"] * t["tokens_per_s"] / (peak * 1e12)
+def ratio(a, b):
+    try:
+        return r[a]["tokens_per_s"] / r[b]["tokens_per_s"]
+    except Exception:
+        return None
+r["train_ratio"] = ratio("ferrotune-train", "torch-train")
+r["decode_ratio"] = ratio("ferrotune-decode", "torch-decode")
+json.dump(r, open(sys.argv[2], "w"), indent=1)
+print(json.dumps({"device": r["peak"].get("device"), "peak_tflops": peak,
+                  "ferrotune_train_tok_s": r["ferrotune-train"].get("tokens_per_s"),
+                  "ferrotune_mfu": r["ferrotune-train"].get("mfu"),
+                  "torch_train_tok_s": r["torch-train"].get("tokens_per_s"),
+                  "torch_mfu": r["torch-train"].get("mfu"), "train_ratio": r["train_ratio"],
+                  "ferrotune_decode_tok_s": r["ferrotune-decode"].get("tokens_per_s"),
+                  "torch_decode_tok_s": r["torch-decode"].get("tokens_per_s"),
+                  "decode_ratio": r["decode_ratio"],
+                  "parity_ok": all(v.get("ok") for v in r["parity"].values()) if "error" not in r["parity"] else False}))
+PYEOF
