@@ -2,11 +2,26 @@
 //! go to stdout (one JSON object with `--json`); logs go to stderr.
 
 mod commands;
+mod rank_log;
 
 /// mimalloc keeps freed tensor buffers for reuse; glibc's malloc returns every large block to
 /// the OS (mmap/munmap), so each op paid page faults and page zeroing on fresh memory.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's default still hands freed arena memory back to the OS after a second
+/// (`purge_delay`, decommitting it), and a training step reallocates the same large buffers
+/// every step: each came back as fresh pages the kernel had to fault in and zero (a quarter of
+/// a tiny-model step's time in `clear_page_erms`). Keep freed memory for reuse instead; peak
+/// resident memory is unchanged. `MIMALLOC_PURGE_DELAY` in the environment still wins.
+fn keep_freed_memory() {
+    // mimalloc v3's option index of `purge_delay` (mi_option_purge_delay in mimalloc.h).
+    const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: setting an option is thread-safe and valid at any time.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1) };
+    }
+}
 
 use clap::{Parser, Subcommand};
 use ferrotune::train::Objective;
@@ -64,14 +79,61 @@ enum Command {
     Bench(commands::bench::Command),
 }
 
-fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+impl Command {
+    /// Commands that share their work across the ranks of a multi-process job
+    /// (docs/DISTRIBUTED.md); the others would only repeat it and race on their outputs.
+    fn runs_data_parallel(&self) -> bool {
+        matches!(
+            self,
+            Command::Pretrain(_)
+                | Command::Sft(_)
+                | Command::Dpo(_)
+                | Command::Rm(_)
+                | Command::Genrm(_)
+                | Command::Generate(_)
+                | Command::Verify(_)
+                | Command::BestOfN(_)
+                | Command::Bench(_)
         )
-        .init();
+    }
+}
+
+/// candle's CPU backend runs elementwise ops on its own spin-waiting thread pool
+/// (`CANDLE_NUM_THREADS`, default: all cores) and matrix products on rayon's
+/// (`RAYON_NUM_THREADS`). On a small machine the two pools spin against each other, and any other
+/// load makes one thread wait on a descheduled one: measured on 2 cores, the quickstart's SFT step
+/// ran 3x faster with elementwise ops on the calling thread alone, and the 5M benchmark model's
+/// step was faster too. Matrix products keep every core. `CANDLE_NUM_THREADS` in the
+/// environment still wins.
+fn single_threaded_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // Before any thread exists: nothing else reads the environment concurrently.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+fn main() {
+    keep_freed_memory();
+    single_threaded_elementwise();
+    // Join the job's world first (MPI under mpirun/srun with `--features mpi`, else a world
+    // of one): the log setup and every command depend on the rank.
+    let world_guard = match ferrotune::dist::init() {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    };
+    let world = ferrotune::dist::world();
+    rank_log::init(world);
     let cli = Cli::parse();
+    if world.size() > 1 && !cli.command.runs_data_parallel() {
+        eprintln!(
+            "{}error: this command runs as one process; under mpirun/srun only pretrain, sft, dpo, rm, genrm, generate, verify, best-of-n and bench share their work",
+            world.log_prefix()
+        );
+        world_guard.fail(2);
+    }
     let result = match cli.command {
         Command::Score(a) => commands::score::run(a),
         Command::ChatTemplate(a) => commands::chat_template::run(a),
@@ -93,7 +155,8 @@ fn main() {
         Command::Bench(c) => commands::bench::run(c),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+        eprintln!("{}error: {e:#}", world.log_prefix());
+        // In a multi-process job this aborts every rank (none waits for this one).
+        world_guard.fail(1);
     }
 }

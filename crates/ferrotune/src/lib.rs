@@ -7,6 +7,7 @@
 
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod infer;

@@ -1,5 +1,8 @@
 //! `ferrotune bench train|decode`: times the real code paths on random token ids (after
 //! warm-up) and prints one JSON object. The comparison with PyTorch lives in scripts/bench/.
+//! Under a launcher (`mpirun -np N ferrotune bench train …`) the batch is the global one, shared
+//! out across the ranks as in training, and rank 0 prints; `bench allreduce` times the gradient
+//! all-reduce alone for a model shape (docs/DISTRIBUTED.md).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -10,7 +13,7 @@ use ferrotune::infer::sampler::argmax;
 use ferrotune::io::checkpoint::parse_dtype;
 use ferrotune::model::{num_parameters, KvCache, LogitsAt};
 use ferrotune::train::config::{Objective, TrainConfig};
-use ferrotune::train::trainer::{time_steps, Examples};
+use ferrotune::train::trainer::{time_steps_with_allreduce, Examples};
 use rand::{Rng, SeedableRng};
 
 #[derive(clap::Subcommand)]
@@ -19,6 +22,20 @@ pub enum Command {
     Train(TrainArgs),
     /// Greedy batched decoding with the KV cache.
     Decode(DecodeArgs),
+    /// The gradient all-reduce of a model shape alone (run it under mpirun -np N).
+    Allreduce(AllreduceArgs),
+}
+
+#[derive(clap::Args)]
+pub struct AllreduceArgs {
+    /// A model's config.json: the gradients have its parameters' shapes (f32).
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Values per bucket (one collective each).
+    #[arg(long, default_value_t = ferrotune::dist::DEFAULT_BUCKET_ELEMENTS)]
+    bucket_elements: usize,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +111,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Train(a) => train(a),
         Command::Decode(a) => decode(a),
+        Command::Allreduce(a) => allreduce(a),
     }
 }
 
@@ -132,23 +150,95 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         lr: Some(1e-5),
         ..Default::default()
     };
-    let times = time_steps(&config, model.decoder, &examples, a.warmup, a.steps.max(1))?;
+    let times =
+        time_steps_with_allreduce(&config, model.decoder, &examples, a.warmup, a.steps.max(1))?;
     let sequences = if objective == Objective::Dpo {
         2 * a.batch_size
     } else {
         a.batch_size
     };
-    let step = median(times);
+    let world = ferrotune::dist::world();
+    if !world.is_main() {
+        return Ok(());
+    }
+    let step = median(times.iter().map(|t| t.0).collect());
     super::print_json(&serde_json::json!({
         "objective": a.objective,
         "tokens_per_s": (sequences * a.seq_len) as f64 / step,
         "step_seconds_median": step,
+        "ranks": world.size(),
+        "allreduce_seconds_median": median(times.iter().map(|t| t.1).collect()),
         "peak_rss_mb": peak_rss_mb(),
         "threads": threads(),
         "dtype": a.precision,
         "batch_size": a.batch_size,
         "seq_len": a.seq_len,
         "num_parameters": params,
+    }));
+    Ok(())
+}
+
+/// Sums f32 gradients shaped like the model's parameters across the ranks `repeats` times (after
+/// one warm-up) through the trainer's bucketed path; prints the median seconds and the bus
+/// bandwidth (a ring all-reduce moves 2(N−1)/N of the buffer through each rank).
+fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    let text = std::fs::read_to_string(&a.config)?;
+    let config =
+        ferrotune::model::ModelConfig::from_value(serde_json::from_str(&text)?, &a.config)?;
+    let world = ferrotune::dist::world();
+    let device = candle_core::Device::Cpu;
+    let value = (world.rank() + 1) as f32;
+    let mut grads = BTreeMap::new();
+    for spec in ferrotune::model::parameter_specs(&config) {
+        let n: usize = spec.shape.iter().product();
+        grads.insert(
+            spec.name,
+            Tensor::from_vec(vec![value; n], spec.shape, &device)?,
+        );
+    }
+    let elements: usize = grads.values().map(|t| t.elem_count()).sum();
+    let mut times = Vec::new();
+    for i in 0..=a.repeats.max(1) {
+        let started = Instant::now();
+        ferrotune::dist::all_reduce_gradients(world.comm(), &mut grads, a.bucket_elements)?;
+        if i > 0 {
+            times.push(started.elapsed().as_secs_f64());
+        }
+    }
+    // One all-reduce makes every value N(N+1)/2 (the sum of rank + 1); each later one
+    // multiplies it by N.
+    let ranks = world.size() as f32;
+    let first: f32 = grads
+        .values()
+        .next()
+        .map_or(Ok(0.0), |t| t.flatten_all()?.get(0)?.to_scalar::<f32>())?;
+    if world.size() > 1 {
+        let want = ranks * (ranks + 1.0) / 2.0 * ranks.powi(a.repeats.max(1) as i32);
+        anyhow::ensure!(
+            (first - want).abs() <= 1e-3 * want.abs(),
+            "all-reduce sum {first}, expected {want}"
+        );
+    }
+    if !world.is_main() {
+        return Ok(());
+    }
+    let seconds = median(times);
+    let bytes = elements as f64 * 4.0;
+    let n = world.size() as f64;
+    super::print_json(&serde_json::json!({
+        "ranks": world.size(),
+        "backend": world.comm().backend(),
+        "parameters": elements,
+        "gradient_bytes": bytes,
+        "buckets": ferrotune::dist::buckets::plan_buckets(
+            &grads.values().map(|t| t.elem_count()).collect::<Vec<_>>(),
+            a.bucket_elements,
+        )
+        .len(),
+        "allreduce_seconds_median": seconds,
+        "bus_gb_per_s": 2.0 * (n - 1.0) / n * bytes / seconds / 1e9,
+        "peak_rss_mb": peak_rss_mb(),
     }));
     Ok(())
 }
@@ -180,6 +270,9 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     };
     run_once(4)?; // warm-up
     let (prefill, decode) = run_once(a.new_tokens)?;
+    if !ferrotune::dist::world().is_main() {
+        return Ok(()); // under a launcher every rank decodes alone; rank 0 reports its own
+    }
     super::print_json(&serde_json::json!({
         "tokens_per_s": (a.batch_size * a.new_tokens) as f64 / decode,
         "prefill_seconds": prefill,

@@ -1,5 +1,7 @@
 //! `ferrotune best-of-n`: N policy samples per problem, picked by a GenRM verifier with fixed
 //! and adaptive K. `--json` prints the report (CONTRACTS keys plus weighted vote and pass@N).
+//! Under a launcher the sampling and verification are shared out across the ranks
+//! (`infer::best_of_n`) and rank 0 prints the report.
 
 use std::path::PathBuf;
 
@@ -109,6 +111,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &problems,
         &options,
     )?;
+    if !ferrotune::dist::world().is_main() {
+        return Ok(());
+    }
     let json = serde_json::to_value(&report)?;
     if args.json {
         super::print_json(&json);

@@ -1,6 +1,10 @@
 //! `ferrotune data inspect`: reads a dataset (file or folder) the way training would and prints
 //! one JSON object — schema, rows, bad rows, files and, with `--model`, token-length statistics
 //! under that model's tokenizer and chat template. The work is `ferrotune::data::inspect`.
+//!
+//! `ferrotune data prepare-genrm --path DIR --out DIR`: the genrm-critiques release layout (or
+//! synth rows) → `verify.jsonl`, `correct.jsonl`, `manifest.json`; the work is
+//! `ferrotune::data::genrm_prepare`.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +17,39 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Write the built-in task world (and optionally its tokenizer) into a folder.
     Synth(super::synth::SynthArgs),
+    /// Turn the genrm-critiques release (zips, .jsonl.gz or JSONL) or synth rows into the
+    /// training files of `ferrotune genrm`: verify.jsonl (D_verify), correct.jsonl (D_correct)
+    /// and manifest.json.
+    PrepareGenrm(PrepareGenrmArgs),
+}
+
+#[derive(clap::Args)]
+pub struct PrepareGenrmArgs {
+    /// A file or a folder (searched recursively): .jsonl, .json, .parquet, .jsonl.gz, .zip.
+    #[arg(long)]
+    path: PathBuf,
+    /// Output folder; `ferrotune genrm --data OUT` then trains on it.
+    #[arg(long)]
+    out: PathBuf,
+    /// Verification rows to keep: all, cot or direct.
+    #[arg(long, default_value = "all")]
+    mode: String,
+    /// Layout of rows built from (question, solution) rows: critiques (the release's header and
+    /// `Q: …\nA: Let's think step by step.`) or terse (the synthetic world's `Q: …\nA: …`).
+    #[arg(long, default_value = "critiques")]
+    format: String,
+    /// Skip and count bad rows instead of stopping at the first.
+    #[arg(long)]
+    skip_bad_rows: bool,
+    /// Seed of the shuffle of both output files.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keep file order instead of shuffling.
+    #[arg(long)]
+    no_shuffle: bool,
+    /// Print the manifest as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -72,7 +109,36 @@ pub fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Inspect(args) => run_inspect(args),
         Command::Synth(args) => super::synth::run(args),
+        Command::PrepareGenrm(args) => run_prepare_genrm(args),
     }
+}
+
+fn run_prepare_genrm(args: PrepareGenrmArgs) -> anyhow::Result<()> {
+    use ferrotune::data::genrm_prepare::{prepare_genrm, ModeFilter, PrepareOptions};
+    let options = PrepareOptions {
+        modes: args.mode.parse::<ModeFilter>()?,
+        format: args.format.parse::<ferrotune::infer::verify::Format>()?,
+        skip_bad_rows: args.skip_bad_rows,
+        shuffle: !args.no_shuffle,
+        seed: args.seed,
+    };
+    let manifest = prepare_genrm(&args.path, &args.out, &options)?;
+    eprintln!(
+        "{} verification rows ({} cot, {} direct; {} correct, {} incorrect), {} correct solutions, rows skipped: {}, files ignored: {} → {}",
+        manifest.verify.rows,
+        manifest.verify.cot,
+        manifest.verify.direct,
+        manifest.verify.correct,
+        manifest.verify.incorrect,
+        manifest.correct.rows,
+        manifest.skipped.rows,
+        manifest.ignored_files.len(),
+        args.out.display()
+    );
+    if args.json {
+        super::print_json(&serde_json::to_value(&manifest)?);
+    }
+    Ok(())
 }
 
 fn run_inspect(args: InspectArgs) -> anyhow::Result<()> {

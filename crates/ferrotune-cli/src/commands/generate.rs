@@ -3,6 +3,10 @@
 //! to the model), `completion`, `num_tokens` (generated tokens, an end token included) and
 //! `finish_reason` (`stop` or `length`). Rows are written as each batch finishes, so an
 //! interrupted run keeps what it generated. A progress bar and the tokens/s go to stderr.
+//!
+//! Under a launcher (`mpirun -np N`), the batches are dealt out across the ranks (batch j on
+//! rank j mod N, each computed exactly as one process computes it) and rank 0 writes every row
+//! in order: the file equals the single-process one with the same seed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -176,6 +180,8 @@ pub fn completion_text(tokenizer: &Tokenizer, c: &Completion) -> anyhow::Result<
 
 /// Generates `n` samples of every prompt in batches, calling `on_batch` with each batch's answer
 /// rows (prompt order, then sample order) as soon as it is done. Returns the tokens generated.
+/// In a multi-process job the batches are shared out across the ranks, in waves of one batch per
+/// rank, and every rank's `on_batch` sees every batch, in order.
 pub fn generate_rows(
     model: &LoadedModel,
     prompts: &[PreparedPrompt],
@@ -195,7 +201,9 @@ pub fn generate_rows(
     };
     let per_call = (sampling.batch_size.max(1) / n.max(1)).max(1);
     let mut tokens = 0;
-    for chunk in prompts.chunks(per_call) {
+    let chunks: Vec<&[PreparedPrompt]> = prompts.chunks(per_call).collect();
+    let batch_rows = |j: usize| -> anyhow::Result<Vec<AnswerRow>> {
+        let chunk = chunks[j];
         let batch: Vec<Prompt> = chunk
             .iter()
             .map(|p| Prompt {
@@ -209,7 +217,6 @@ pub fn generate_rows(
         let mut rows = Vec::with_capacity(completions.len());
         for c in &completions {
             let p = &chunk[c.prompt];
-            tokens += c.ids.len();
             rows.push(AnswerRow {
                 index: p.row,
                 sample_index: c.sample_index,
@@ -223,17 +230,29 @@ pub fn generate_rows(
                 .to_string(),
             });
         }
-        on_batch(rows)?;
-    }
+        Ok(rows)
+    };
+    // Errors cross the library's dist helpers as its error type; the context stays in the text.
+    let to_lib = |e: anyhow::Error| ferrotune::Error::invalid(format!("{e:#}"));
+    ferrotune::dist::shard::for_each_in_waves(
+        chunks.len(),
+        |j| batch_rows(j).map_err(to_lib),
+        |_, rows: Vec<AnswerRow>| {
+            tokens += rows.iter().map(|r| r.num_tokens).sum::<usize>();
+            on_batch(rows).map_err(to_lib)
+        },
+    )?;
     Ok(tokens)
 }
 
-/// A progress bar on stderr (hidden when stderr is not a terminal).
+/// A progress bar on stderr (hidden when stderr is not a terminal, and on ranks other than 0).
 pub fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(len),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
+    let target = if ferrotune::dist::world().is_main() {
+        indicatif::ProgressDrawTarget::stderr()
+    } else {
+        indicatif::ProgressDrawTarget::hidden()
+    };
+    let bar = indicatif::ProgressBar::with_draw_target(Some(len), target);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
             "{msg} [{elapsed_precise}] {bar:30} {pos}/{len} ({eta} left)",
@@ -253,21 +272,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokenizer = model.tokenizer()?;
     let context = model.decoder.config().max_position_embeddings;
     let prepared = prepare_prompts(tokenizer, context, &prompts)?;
-    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+    let main = ferrotune::dist::world().is_main();
+    if let Some(parent) = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && main)
+    {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let file = std::fs::File::create(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut out = std::io::BufWriter::new(file);
+    // Rank 0 alone writes the output.
+    let mut out = if main {
+        let file = std::fs::File::create(&args.out)
+            .with_context(|| format!("creating {}", args.out.display()))?;
+        Some(std::io::BufWriter::new(file))
+    } else {
+        None
+    };
     let bar = progress_bar(prepared.len() as u64, "generating");
     let start = Instant::now();
     let mut samples = 0usize;
     let tokens = generate_rows(&model, &prepared, args.n, &args.sampling, |rows| {
         let prompts_done = rows.iter().filter(|r| r.sample_index == 0).count();
         samples += rows.len();
+        let Some(out) = out.as_mut() else {
+            return Ok(());
+        };
         for r in rows {
-            serde_json::to_writer(&mut out, &r)?;
+            serde_json::to_writer(&mut *out, &r)?;
             out.write_all(b"\n")?;
         }
         out.flush()?;
@@ -276,6 +308,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let seconds = start.elapsed().as_secs_f64();
+    if !main {
+        return Ok(());
+    }
     eprintln!(
         "generated {samples} samples of {} prompts: {tokens} tokens in {seconds:.2}s ({:.1} tokens/s) → {}",
         prepared.len(),

@@ -19,7 +19,7 @@ pub mod winrate;
 use candle_core::Device;
 
 /// The device commands compute on: CUDA 0 when built with the `cuda` feature and a GPU is
-/// present, else the CPU.
+/// present, else the CPU; `FERROTUNE_DEVICE` overrides it (see `ferrotune::device`).
 pub fn device() -> anyhow::Result<Device> {
     Ok(ferrotune::device::select()?)
 }

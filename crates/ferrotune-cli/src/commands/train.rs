@@ -116,9 +116,23 @@ pub struct Args {
     /// GenRM: weight λ of the correct-solution term (L = L_verify + λ·L_correct).
     #[arg(long)]
     lambda: Option<f64>,
-    /// GenRM: D_correct, correct solutions (genrm `inputs`/`targets`, chat or qa rows).
+    /// GenRM: D_correct, correct solutions (genrm `inputs`/`targets`, chat or qa rows). A
+    /// `data prepare-genrm` folder as --data brings its own.
     #[arg(long)]
     correct_data: Option<PathBuf>,
+    /// sft/dpo/genrm: each validation also judges the policy against the starting model
+    /// (win_rate, win_rate_se in the eval metrics); needs --win-rate-judge.
+    #[arg(long)]
+    calculate_win_rate: bool,
+    /// The win-rate judge: rm:DIR, genrm:DIR, openai-reward:URL#MODEL or openai-judge:URL#MODEL.
+    #[arg(long)]
+    win_rate_judge: Option<String>,
+    /// Prompts judged: the first N eval rows' (default 16).
+    #[arg(long)]
+    win_rate_prompts: Option<i64>,
+    /// Longest greedy answer of either side, in tokens (default 64).
+    #[arg(long)]
+    win_rate_max_new_tokens: Option<i64>,
     /// Any config key: --set key=value (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
@@ -200,6 +214,18 @@ impl Args {
         put(&mut t, "eval_generate", self.eval_generate);
         put(&mut t, "lambda", self.lambda);
         put(&mut t, "correct_data", path(&self.correct_data));
+        put(
+            &mut t,
+            "calculate_win_rate",
+            self.calculate_win_rate.then_some(true),
+        );
+        put(&mut t, "win_rate_judge", self.win_rate_judge.clone());
+        put(&mut t, "win_rate_prompts", self.win_rate_prompts);
+        put(
+            &mut t,
+            "win_rate_max_new_tokens",
+            self.win_rate_max_new_tokens,
+        );
         let mut overrides = vec![t];
         for s in &self.set {
             overrides.push(parse_set(s)?);
@@ -216,6 +242,9 @@ pub fn run(args: Args, objective: Objective) -> anyhow::Result<()> {
     let config = args.resolve(objective)?;
     let inputs = ferrotune::train::prepare::prepare(&config)?;
     let summary = ferrotune::train::run(&config, inputs)?;
+    if !ferrotune::dist::world().is_main() {
+        return Ok(()); // rank 0 reports for the whole job
+    }
     let report = serde_json::json!({
         "run_dir": summary.run_dir,
         "final_dir": summary.final_dir,

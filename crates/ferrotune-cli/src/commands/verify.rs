@@ -1,6 +1,8 @@
 //! `ferrotune verify`: GenRM scores of solutions, Direct or CoT with adaptive K. One JSONL row
 //! per input row (`score`, `k`, `variance`, `p_yes`, and `label` when the row has one); with
 //! labels, a summary (`auc`, mean score per label, mean k) on stderr and in `--summary FILE`.
+//! Under a launcher the work is shared out across the ranks (`infer::verify`) and rank 0 writes
+//! the same rows as one process would.
 
 use std::path::PathBuf;
 
@@ -130,6 +132,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     let verdicts = verify(&model.decoder, tokenizer, &items, &options)?;
+    if !ferrotune::dist::world().is_main() {
+        return Ok(()); // rank 0 writes for the whole job
+    }
     let mut out = String::new();
     for (v, label) in verdicts.iter().zip(&labels) {
         let mut row = serde_json::to_value(v)?;

@@ -347,3 +347,122 @@ fn genrm_training_and_best_of_n_on_a_small_world() {
             <= report["fixed"]["verifier_tokens"].as_u64().unwrap()
     );
 }
+
+#[test]
+fn prepare_genrm_turns_the_release_layout_into_data_genrm_trains_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    // The in-repo sample of the release (the first lines of ../shared/data/genrm's files).
+    let release = fixtures().join("data/genrm");
+    let prepared = tmp.path().join("prepared");
+    let manifest = stdout_json(&ferrotune(&[
+        "data",
+        "prepare-genrm",
+        "--path",
+        release.to_str().unwrap(),
+        "--out",
+        prepared.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(manifest["format"], "ferrotune-genrm-prepared");
+    let files = manifest["files"].as_array().unwrap();
+    assert_eq!(files.len(), 6, "{manifest}");
+    assert!(files.iter().all(|f| f["rows"] == 4));
+    let verify = jsonl(&prepared.join("verify.jsonl"));
+    let correct = jsonl(&prepared.join("correct.jsonl"));
+    assert_eq!(
+        verify.len() as u64,
+        manifest["verify"]["rows"].as_u64().unwrap()
+    );
+    assert_eq!(
+        correct.len() as u64,
+        manifest["correct"]["rows"].as_u64().unwrap()
+    );
+    let cot = verify.iter().filter(|r| r["mode"] == "cot").count() as u64;
+    assert_eq!(cot, manifest["verify"]["cot"].as_u64().unwrap());
+    assert!(cot > 0 && cot < verify.len() as u64);
+    let yes = verify.iter().filter(|r| r["label"] == 1).count() as u64;
+    assert_eq!(yes, manifest["verify"]["correct"].as_u64().unwrap());
+    assert!(verify.iter().all(|r| {
+        let t = r["targets"].as_str().unwrap();
+        t.ends_with(if r["label"] == 1 { " Yes" } else { " No" })
+    }));
+    assert!(correct.iter().all(|r| r["inputs"]
+        .as_str()
+        .unwrap()
+        .ends_with("A: Let's think step by step.\n")));
+
+    // The folder is `genrm --data`: D_verify from verify.jsonl, D_correct from correct.jsonl.
+    let model = long_context_model(tmp.path());
+    let run = tmp.path().join("run");
+    let summary = stdout_json(&ferrotune(&[
+        "genrm",
+        "--model",
+        &model,
+        "--data",
+        prepared.to_str().unwrap(),
+        "--output-dir",
+        run.to_str().unwrap(),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--max-length",
+        "768",
+        "--truncation",
+        "left",
+        "--num-sanity-val-steps",
+        "0",
+        "--json",
+    ]));
+    assert_eq!(summary["steps"], 2);
+    let eval = &summary["eval"];
+    for key in ["loss_verify", "loss_correct"] {
+        let v = eval[key].as_f64().unwrap_or(f64::NAN);
+        assert!(v.is_finite() && v > 0.0, "{key}: {summary}");
+    }
+    for key in [
+        "verifier_score_correct",
+        "verifier_score_incorrect",
+        "verifier_auc",
+    ] {
+        assert!(eval.get(key).is_some(), "genrm eval lacks {key}: {summary}");
+    }
+    let config = std::fs::read_to_string(run.join("config.toml")).unwrap();
+    assert!(config.contains("prepared"), "{config}");
+
+    // Bad input: the file, the line and the field; with --skip-bad-rows, counted.
+    let bad_dir = tmp.path().join("bad");
+    std::fs::create_dir_all(&bad_dir).unwrap();
+    let good = std::fs::read_to_string(release.join("rm_correct_batch00_first100.jsonl")).unwrap();
+    let mut text: String = good.lines().take(2).map(|l| format!("{l}\n")).collect();
+    text.push_str(
+        "{\"inputs\": \"Q: 1+1=?\\nA: 2\\nVerification: Is the answer correct (Yes/No)?\"}\n",
+    );
+    std::fs::write(bad_dir.join("rows.jsonl"), text).unwrap();
+    let r = ferrotune(&[
+        "data",
+        "prepare-genrm",
+        "--path",
+        bad_dir.to_str().unwrap(),
+        "--out",
+        tmp.path().join("bad_out").to_str().unwrap(),
+    ]);
+    assert!(!r.status.success());
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("rows.jsonl:3: field `targets`: missing"),
+        "{err}"
+    );
+    let m = stdout_json(&ferrotune(&[
+        "data",
+        "prepare-genrm",
+        "--path",
+        bad_dir.to_str().unwrap(),
+        "--out",
+        tmp.path().join("bad_out").to_str().unwrap(),
+        "--skip-bad-rows",
+        "--json",
+    ]));
+    assert_eq!(m["verify"]["rows"], 2);
+    assert_eq!(m["skipped"]["reasons"]["bad row"], 1);
+}

@@ -1,5 +1,7 @@
 //! The command-line contracts (CONTRACTS.md): exact outputs other tools rely on.
 
+#[cfg(feature = "mpi")]
+mod distributed;
 mod genrm;
 mod training;
 mod winrate;

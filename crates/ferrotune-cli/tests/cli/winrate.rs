@@ -753,3 +753,101 @@ fn bad_input_gives_clear_errors() {
     assert!(stderr(&o).contains("--prompts is needed"), "{}", stderr(&o));
     assert!(!out.exists());
 }
+
+#[test]
+fn sft_with_calculate_win_rate_logs_win_rate_at_each_validation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rm = tmp.path().join("rm");
+    tiny_reward_model(&rm);
+    let judge = format!("rm:{}", s(&rm));
+    let out = tmp.path().join("run");
+    let data = fixtures().join("data/chat.jsonl");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "sft",
+            "--model",
+            s(&tiny()),
+            "--data",
+            s(&data),
+            "--output-dir",
+            s(&out),
+            "--sanity-train",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "128",
+            "--truncation",
+            "left",
+            "--max-steps",
+            "4",
+            "--lr",
+            "5e-3",
+            "--val-check-interval",
+            "2",
+            "--num-sanity-val-steps",
+            "1",
+            "--eval-generate",
+            "0",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| ferrotune(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let summary = stdout_json(&run(args(&[
+        "--calculate-win-rate",
+        "--win-rate-judge",
+        &judge,
+        "--win-rate-prompts",
+        "2",
+        "--win-rate-max-new-tokens",
+        "8",
+        "--json",
+    ])));
+    let metrics = read_jsonl(&out.join("metrics.jsonl"));
+    let evals: Vec<&Value> = metrics.iter().filter(|r| r["split"] == "eval").collect();
+    // Validations at steps 2 and 4 (the sanity validation logs no row).
+    assert_eq!(
+        evals
+            .iter()
+            .map(|r| r["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [2, 4]
+    );
+    for row in &evals {
+        let w = row["win_rate"].as_f64().expect("win_rate");
+        let se = row["win_rate_se"].as_f64().expect("win_rate_se");
+        assert!((0.0..=1.0).contains(&w), "{row}");
+        assert!(se >= 0.0, "{row}");
+        // n = 2 prompts: the win rate is a multiple of ½ / 2.
+        assert!((w * 4.0 - (w * 4.0).round()).abs() < 1e-9, "{row}");
+    }
+    assert!(summary["eval"].get("win_rate").is_some(), "{summary}");
+    assert!(metrics
+        .iter()
+        .filter(|r| r["split"] == "train")
+        .all(|r| r.get("win_rate").is_none()));
+    // The settings are config keys, saved with the run.
+    let config = std::fs::read_to_string(out.join("config.toml")).unwrap();
+    assert!(config.contains("calculate_win_rate = true"), "{config}");
+    assert!(config.contains("win_rate_prompts = 2"), "{config}");
+
+    // Without a judge, or on an objective that does not generate: an error before training.
+    let r = run(args(&["--calculate-win-rate"]));
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("--win-rate-judge"), "{}", stderr(&r));
+    let r = run(args(&[
+        "--calculate-win-rate",
+        "--win-rate-judge",
+        "judge-me",
+    ]));
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("judge `judge-me`"), "{}", stderr(&r));
+    let mut rm_args = args(&["--calculate-win-rate", "--win-rate-judge", &judge]);
+    rm_args[0] = "rm".into();
+    let r = run(rm_args);
+    assert!(!r.status.success());
+    assert!(stderr(&r).contains("sft, dpo and genrm"), "{}", stderr(&r));
+}

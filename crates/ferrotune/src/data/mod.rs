@@ -14,6 +14,7 @@
 //! - `pack`     — text documents packed into fixed-length sequences (pretraining)
 //! - `batch`    — length-bucketed seeded batches, right padding
 //! - `inspect`  — the `ferrotune data inspect` report
+//! - `genrm_prepare` — `ferrotune data prepare-genrm`: the genrm-critiques release → D_verify, D_correct
 //!
 //! Typical use by a training command:
 //! ```text
@@ -27,6 +28,7 @@
 pub mod answer;
 pub mod batch;
 pub mod dataset;
+pub mod genrm_prepare;
 pub mod inspect;
 pub mod pack;
 pub mod parquet;

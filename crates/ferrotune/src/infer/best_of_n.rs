@@ -6,12 +6,16 @@
 //! Adaptive K is evaluated on the same rationale streams as fixed K (each stream is seeded by
 //! (seed, candidate, sample index)), so its verdict is the prefix of the fixed-K p values at
 //! which the stopping rule fires — exactly what an adaptive run samples, at no extra cost.
+//!
+//! In a multi-process job the policy's generation groups and the verifier's batches are dealt
+//! out across the ranks and gathered on every rank (dist::shard): the report equals the
+//! single-process one.
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::generate::{generate, GenerateOptions, Prompt};
+use super::generate::{generate_sharded, GenerateOptions, Prompt};
 use super::sampler::SamplingParams;
 use super::verify::{auc, format_inputs, verify_items, Format, Mode, Verdict, VerifyOptions};
 use crate::data::{extract_answer, Encoder, Message};
@@ -159,7 +163,7 @@ pub fn best_of_n(
             })
         })
         .collect::<Result<_>>()?;
-    let completions = generate(
+    let completions = generate_sharded(
         policy,
         &prompts,
         &GenerateOptions {

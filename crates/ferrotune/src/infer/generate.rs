@@ -5,6 +5,11 @@
 //! cache once and fork it (prefix sharing). Finished rows are dropped from the batch at once,
 //! so they stop costing compute. Each sample draws from its own generator seeded by (seed,
 //! item, sample index): the same seed gives the same text whatever batch it lands in.
+//!
+//! `generate_sharded` deals the same groups out across the ranks of a multi-process job
+//! (dist::shard), so every group is computed exactly as one process computes it and the gathered
+//! completions equal the single-process ones bit for bit (the logits of a row do depend, in their
+//! last bits, on the batch it shares).
 
 use candle_core::Tensor;
 
@@ -13,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::io::Tokenizer;
 use crate::model::{Decoder, KvCache, LogitsAt};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FinishReason {
     /// An end-of-sequence token or a stop string.
     Stop,
@@ -42,7 +47,7 @@ pub struct Prompt {
     pub first_sample: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Completion {
     /// Position of the prompt in the request list.
     pub prompt: usize,
@@ -93,26 +98,50 @@ pub fn generate(
         }
     }
     let mut out = Vec::new();
-    // Group prompts so that a group's samples fill about one batch.
+    for group in groups(prompts, options.batch_size) {
+        let start = group.start;
+        out.extend(generate_group(decoder, &prompts[group], start, options)?);
+    }
+    Ok(out)
+}
+
+/// Prompts grouped so that a group's samples fill about one batch: consecutive ranges.
+pub fn groups(prompts: &[Prompt], batch_size: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
     let mut start = 0;
     while start < prompts.len() {
         let mut rows = 0;
         let mut end = start;
-        while end < prompts.len()
-            && (end == start || rows + prompts[end].n <= options.batch_size.max(1))
-        {
+        while end < prompts.len() && (end == start || rows + prompts[end].n <= batch_size.max(1)) {
             rows += prompts[end].n;
             end += 1;
         }
-        out.extend(generate_group(
-            decoder,
-            &prompts[start..end],
-            start,
-            options,
-        )?);
+        out.push(start..end);
         start = end;
     }
-    Ok(out)
+    out
+}
+
+/// As [`generate`], with the groups dealt out across the ranks of a multi-process job and every
+/// completion gathered on every rank, in order: the same output as `generate` in one process.
+pub fn generate_sharded(
+    decoder: &Decoder,
+    prompts: &[Prompt],
+    options: &GenerateOptions,
+) -> Result<Vec<Completion>> {
+    if crate::dist::world().size() == 1 {
+        return generate(decoder, prompts, options);
+    }
+    let groups = groups(prompts, options.batch_size);
+    let per_group = crate::dist::all_map(groups.len(), |g| {
+        let range = groups[g].clone();
+        let mut completions = generate(decoder, &prompts[range.clone()], options)?;
+        for c in &mut completions {
+            c.prompt += range.start;
+        }
+        Ok(completions)
+    })?;
+    Ok(per_group.into_iter().flatten().collect())
 }
 
 struct Row {

@@ -13,8 +13,12 @@
 //! p(Yes) is normalised over the two answers by default, `P(Yes) / (P(Yes) + P(No))`, reading
 //! the first token of " Yes" and of " No" (leading space, as in genrm-critiques); `raw_p_yes`
 //! gives the unnormalised probability instead.
+//!
+//! In a multi-process job each round's generation groups and reads are dealt out across the
+//! ranks (dist::shard) and gathered on every rank, so every rank follows the same adaptive
+//! rounds and the verdicts equal the single-process ones bit for bit.
 
-use super::generate::{generate, FinishReason, GenerateOptions, Prompt};
+use super::generate::{generate_sharded, FinishReason, GenerateOptions, Prompt};
 use super::sampler::{probabilities, SamplingParams};
 use crate::error::{Error, Result};
 use crate::io::Tokenizer;
@@ -295,19 +299,16 @@ pub fn verify_items(
         }
     }
     if options.mode == Mode::Direct {
-        let logits = decoder.last_token_outputs(&prompts, 0, options.batch_size)?;
-        return Ok(logits
-            .iter()
-            .map(|l| {
-                let p = p_yes(l, yes, no, options.raw_p_yes);
-                Verdict {
-                    score: p,
-                    k: 1,
-                    variance: 0.0,
-                    p_yes: vec![p],
-                    tokens: 0,
-                    rationale_tokens: vec![0],
-                }
+        let p_values = p_yes_of_last_tokens(decoder, &prompts, (yes, no), options)?;
+        return Ok(p_values
+            .into_iter()
+            .map(|p| Verdict {
+                score: p,
+                k: 1,
+                variance: 0.0,
+                p_yes: vec![p],
+                tokens: 0,
+                rationale_tokens: vec![0],
             })
             .collect());
     }
@@ -346,7 +347,7 @@ pub fn verify_items(
                 }
             })
             .collect();
-        let completions = generate(decoder, &batch, &gen_options)?;
+        let completions = generate_sharded(decoder, &batch, &gen_options)?;
         // A rationale that reached the verdict question carries p(Yes)/p(No) from the step
         // after it; the others are closed with the question and read in one batched pass.
         let mut reads = Vec::new();
@@ -380,9 +381,9 @@ pub fn verify_items(
             reads.push(ids);
             read_rows.push(j);
         }
-        let logits = decoder.last_token_outputs(&reads, 0, options.batch_size)?;
-        for (&j, l) in read_rows.iter().zip(&logits) {
-            values[j] = Some(p_yes(l, yes, no, options.raw_p_yes));
+        let read_values = p_yes_of_last_tokens(decoder, &reads, (yes, no), options)?;
+        for (&j, p) in read_rows.iter().zip(read_values) {
+            values[j] = Some(p);
         }
         for (c, v) in completions.iter().zip(values) {
             p_values[active[c.prompt]].push(v.expect("every rationale was read"));
@@ -401,6 +402,26 @@ pub fn verify_items(
             rationale_tokens,
         })
         .collect())
+}
+
+/// p(Yes) at the last token of each sequence, read in batches of `options.batch_size`; in a
+/// multi-process job the batches are dealt out across the ranks (each computed as one process
+/// computes it) and the values gathered on every rank, in order.
+fn p_yes_of_last_tokens(
+    decoder: &Decoder,
+    sequences: &[Vec<u32>],
+    (yes, no): (u32, u32),
+    options: &VerifyOptions,
+) -> Result<Vec<f64>> {
+    let chunks: Vec<&[Vec<u32>]> = sequences.chunks(options.batch_size.max(1)).collect();
+    let per_chunk = crate::dist::all_map(chunks.len(), |c| {
+        let logits = decoder.last_token_outputs(chunks[c], 0, options.batch_size)?;
+        Ok(logits
+            .iter()
+            .map(|l| p_yes(l, yes, no, options.raw_p_yes))
+            .collect::<Vec<f64>>())
+    })?;
+    Ok(per_chunk.into_iter().flatten().collect())
 }
 
 #[cfg(test)]

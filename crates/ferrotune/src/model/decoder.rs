@@ -15,6 +15,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 
 use super::config::{Head, ModelConfig};
+use super::fused;
 use super::kv_cache::KvCache;
 use super::ops;
 use super::params::parameter_specs;
@@ -235,14 +236,14 @@ impl Decoder {
         let mask = additive_mask(&key_valid, t, 0, dtype, device)?;
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
-            let normed = ops::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
+            let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
             let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
             let attn = self.attend(&q, &k, &v, &mask, false)?;
             x = (x + linear(&attn, &layer.attention.o)?)?;
-            let normed = ops::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
+            let normed = fused::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
             x = (x + self.mlp(&layer.mlp, &normed)?)?;
         }
-        ops::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
+        fused::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
 
     /// Logits for a whole sequence, [B, T, V] (or [B, T, num_labels] for a classifier).

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decoder;
+pub mod fused;
 pub mod init;
 pub mod kv_cache;
 pub mod ops;

@@ -25,6 +25,15 @@ pub struct TrainerState {
     pub samples_seen: usize,
     pub seed: u64,
     pub objective: String,
+    /// The global batch the cursor counts in (`--batch-size`, `--accumulate-grad-batches`):
+    /// a resume must use the same; absent in checkpoints older than this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accumulate_grad_batches: Option<usize>,
+    /// Processes that trained up to this checkpoint (informational: any world size resumes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
 }
 
 pub fn checkpoint_dir(run_dir: &Path, step: usize) -> PathBuf {

@@ -107,6 +107,16 @@ pub struct TrainConfig {
     pub lambda: f64,
     /// GenRM: D_correct (correct solutions); `data` is then D_verify.
     pub correct_data: Option<PathBuf>,
+
+    /// sft/dpo/genrm: each validation also judges the policy against the starting model
+    /// (`win_rate`, `win_rate_se`; see `win_rate_eval.rs`).
+    pub calculate_win_rate: bool,
+    /// The win-rate judge: `rm:DIR`, `genrm:DIR`, `openai-reward:URL#MODEL`, `openai-judge:URL#MODEL`.
+    pub win_rate_judge: Option<String>,
+    /// Prompts judged: the first N eval rows'.
+    pub win_rate_prompts: usize,
+    /// Longest greedy answer of either side, in tokens.
+    pub win_rate_max_new_tokens: usize,
 }
 
 impl Default for TrainConfig {
@@ -159,6 +169,10 @@ impl Default for TrainConfig {
             eval_generate: 16,
             lambda: 0.1,
             correct_data: None,
+            calculate_win_rate: false,
+            win_rate_judge: None,
+            win_rate_prompts: super::win_rate_eval::DEFAULT_PROMPTS,
+            win_rate_max_new_tokens: super::win_rate_eval::DEFAULT_MAX_NEW_TOKENS,
         }
     }
 }
@@ -228,6 +242,7 @@ impl TrainConfig {
             ));
         }
         crate::io::checkpoint::parse_dtype(&self.precision)?;
+        super::win_rate_eval::check_config(self)?;
         Ok(())
     }
 

@@ -1,6 +1,7 @@
 //! Metric sinks: `metrics.jsonl` (one JSON object per event: `step`, `split`, `epoch`, names)
 //! and TensorBoard scalars named `split/name`. On resume, rows past the checkpoint's step are
-//! dropped so the file continues exactly where the checkpoint left off.
+//! dropped so the file continues exactly where the checkpoint left off. In a multi-process run
+//! only rank 0 writes: the other ranks' writers discard what they are given.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -13,8 +14,8 @@ use crate::error::{Error, Result};
 
 pub struct MetricsWriter {
     path: PathBuf,
-    file: File,
-    tensorboard: TensorBoardWriter,
+    /// The file and the TensorBoard events; `None` on ranks other than 0.
+    sinks: Option<(File, TensorBoardWriter)>,
 }
 
 impl MetricsWriter {
@@ -22,6 +23,9 @@ impl MetricsWriter {
     /// or before that step; without it, starts a fresh file.
     pub fn open(run_dir: &Path, resume_step: Option<usize>) -> Result<Self> {
         let path = run_dir.join("metrics.jsonl");
+        if !crate::dist::world().is_main() {
+            return Ok(MetricsWriter { path, sinks: None });
+        }
         match resume_step {
             Some(step) if path.exists() => {
                 let text = crate::error::read_to_string(&path)?;
@@ -50,8 +54,7 @@ impl MetricsWriter {
             .map_err(|e| Error::io(&path, e))?;
         Ok(MetricsWriter {
             path,
-            file,
-            tensorboard: TensorBoardWriter::create(run_dir)?,
+            sinks: Some((file, TensorBoardWriter::create(run_dir)?)),
         })
     }
 
@@ -62,6 +65,9 @@ impl MetricsWriter {
         epoch: usize,
         metrics: &[(&str, f64)],
     ) -> Result<()> {
+        let Some((file, tensorboard)) = &mut self.sinks else {
+            return Ok(());
+        };
         let mut row = Map::new();
         row.insert("step".into(), step.into());
         row.insert("split".into(), split.into());
@@ -71,12 +77,11 @@ impl MetricsWriter {
                 .map(Value::Number)
                 .unwrap_or(Value::Null);
             row.insert((*name).into(), v);
-            self.tensorboard
-                .scalar(&format!("{split}/{name}"), *value, step as u64)?;
+            tensorboard.scalar(&format!("{split}/{name}"), *value, step as u64)?;
         }
         let line = serde_json::to_string(&Value::Object(row)).expect("JSON row");
-        writeln!(self.file, "{line}")
-            .and_then(|_| self.file.flush())
+        writeln!(file, "{line}")
+            .and_then(|_| file.flush())
             .map_err(|e| Error::io(&self.path, e))
     }
 }

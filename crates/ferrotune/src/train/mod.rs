@@ -9,6 +9,7 @@ pub mod prepare;
 pub mod schedule;
 pub mod tensorboard;
 pub mod trainer;
+pub mod win_rate_eval;
 
 pub use config::{Objective, TrainConfig};
 pub use trainer::{run, Examples, RunSummary, TrainInputs};

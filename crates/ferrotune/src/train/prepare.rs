@@ -28,6 +28,19 @@ fn selection(config: &TrainConfig) -> Selection {
 
 /// Loads, selects and tokenizes the data of a training run.
 pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
+    // A `data prepare-genrm` folder stands for its verify.jsonl and correct.jsonl.
+    let prepared;
+    let config = match crate::data::genrm_prepare::prepared_files(&config.data) {
+        Some((verify, correct)) if config.objective == Objective::Genrm => {
+            prepared = TrainConfig {
+                data: verify,
+                correct_data: config.correct_data.clone().or(correct),
+                ..config.clone()
+            };
+            &prepared
+        }
+        _ => config,
+    };
     let model_config = load_config(&config.model)?;
     let tokenizer = Tokenizer::from_dir(&config.model, Some(&model_config.raw))?;
     let schema = config
@@ -117,6 +130,7 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
             }
         })
     };
+    let win_rate_prompts = crate::train::win_rate_eval::prompts(config, &eval_rows, &correct_eval);
     let train = build(&train_rows, &correct_train)?;
     let eval = build(&eval_rows, &correct_eval)?;
     tracing::info!("{} training and {} eval examples", train.len(), eval.len());
@@ -127,5 +141,6 @@ pub fn prepare(config: &TrainConfig) -> Result<TrainInputs> {
         pad_id: pad_id(&tokenizer)?,
         verdict_ids: crate::infer::verify::verdict_ids(&tokenizer).ok(),
         stop_ids: tokenizer.stop_token_ids.clone(),
+        win_rate_prompts,
     })
 }

@@ -20,11 +20,10 @@ use crate::error::{Error, Result};
 use crate::io::checkpoint::parse_dtype;
 use crate::io::save_model;
 use crate::model::decoder::gather_last_token;
+use crate::model::fused::head_logprobs;
 use crate::model::{parameter_specs, Decoder, ModelConfig};
 use crate::objectives::dpo::{dpo_loss, DpoParams};
 use crate::objectives::reward::bradley_terry_loss;
-use crate::objectives::sft::token_loss_sums;
-use crate::objectives::{sequence_logprobs, token_logprobs};
 
 /// The examples of one split, tokenized.
 #[derive(Clone)]
@@ -97,6 +96,8 @@ pub struct TrainInputs {
     pub verdict_ids: Option<(u32, u32)>,
     /// End-of-sequence ids of the tokenizer.
     pub stop_ids: Vec<u32>,
+    /// `--calculate-win-rate`: the eval prompts judged at each validation (`win_rate_eval.rs`).
+    pub win_rate_prompts: Vec<crate::data::PromptInput>,
 }
 
 pub struct RunSummary {
@@ -147,6 +148,24 @@ fn pad(seqs: &[&TokenizedSequence], pad_id: u32, device: &Device) -> Result<Padd
     })
 }
 
+/// Target log-probs of a padded batch straight from the final hidden states (the fused,
+/// chunked head: the `[tokens, vocab]` logits never exist whole): `logp` [B, T] with 0 at
+/// unscored positions, the hidden states (for reads of a few rows' logits) and how many
+/// scored tokens are their distribution's argmax.
+struct Scored {
+    hidden: Tensor,
+    logp: Tensor,
+    hits: usize,
+}
+
+fn scored_logprobs(decoder: &Decoder, p: &Padded, rows: &[&TokenizedSequence]) -> Result<Scored> {
+    let hidden = decoder.forward_hidden(&p.input_ids, Some(&p.attention_mask))?;
+    let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.input_ids.clone()).collect();
+    let scored: Vec<Vec<bool>> = rows.iter().map(|s| s.targets.clone()).collect();
+    let (logp, hits) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored)?;
+    Ok(Scored { hidden, logp, hits })
+}
+
 /// Micro-batches of one epoch: indices grouped by similar length (sorted within chunks of
 /// 50 batches, so padding stays small) and the batch order shuffled with (seed, epoch).
 fn plan_epoch(examples: &Examples, batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
@@ -184,6 +203,15 @@ struct MicroResult {
     verdicts: Vec<(f64, bool)>,
 }
 
+/// One evaluation batch's sums, as they travel between ranks.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct EvalBatch {
+    loss: f64,
+    count: f64,
+    metric_sums: Vec<(String, f64)>,
+    verdicts: Vec<(f64, bool)>,
+}
+
 struct Runner<'a> {
     config: &'a TrainConfig,
     objective: Objective,
@@ -196,6 +224,8 @@ struct Runner<'a> {
     dpo: DpoParams,
     /// Reference log-probs per pair (chosen, rejected), by split.
     reference: BTreeMap<&'static str, Vec<(f32, f32)>>,
+    /// `--calculate-win-rate`: the policy against the starting model at each validation.
+    win_rate: Option<super::win_rate_eval::WinRateEval>,
 }
 
 impl Runner<'_> {
@@ -226,8 +256,7 @@ impl Runner<'_> {
                     batch.iter().map(|&i| examples.genrm_row(i)).collect();
                 let seqs: Vec<&TokenizedSequence> = rows.iter().map(|r| r.0).collect();
                 let p = pad(&seqs, self.pad_id, &self.device)?;
-                let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
-                let logp = token_logprobs(&logits, &p.input_ids)?;
+                let Scored { hidden, logp, .. } = scored_logprobs(decoder, &p, &seqs)?;
                 // L = mean_tok(verify) + λ·mean_tok(correct): each row's targets weighted by
                 // 1/N_verify or λ/N_correct of the whole step.
                 let lambda = self.config.lambda;
@@ -251,11 +280,12 @@ impl Runner<'_> {
                     if let (true, Some((yes, no))) = (*is_verify, self.verdict_ids) {
                         if let Some(pos) = verdict_position(row, yes, no) {
                             let label = row.input_ids[pos] == yes;
-                            let next = logits
-                                .get(r)?
-                                .get(pos - 1)?
-                                .to_dtype(DType::F32)?
-                                .to_vec1::<f32>()?;
+                            let state = hidden.get(r)?.narrow(0, pos - 1, 1)?.detach();
+                            let next =
+                                crate::model::ops::linear(&state, decoder.head_weight(), None)?
+                                    .squeeze(0)?
+                                    .to_dtype(DType::F32)?
+                                    .to_vec1::<f32>()?;
                             scored
                                 .push((crate::infer::verify::p_yes(&next, yes, no, false), label));
                         }
@@ -275,12 +305,16 @@ impl Runner<'_> {
             Examples::Sequences(seqs) => {
                 let rows: Vec<&TokenizedSequence> = batch.iter().map(|&i| &seqs[i]).collect();
                 let p = pad(&rows, self.pad_id, &self.device)?;
-                let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
-                let sums = token_loss_sums(&logits, &p.input_ids, &p.targets)?;
+                let scored = scored_logprobs(decoder, &p, &rows)?;
+                // As `objectives::sft::token_loss_sums`: Σ −log p over the target tokens.
+                let num_targets: usize = rows
+                    .iter()
+                    .map(|s| s.targets.iter().filter(|&&t| t).count())
+                    .sum();
                 Ok(MicroResult {
-                    loss_sum: sums.nll_sum,
-                    count: sums.num_targets,
-                    metric_sums: vec![("token_accuracy", sums.num_correct)],
+                    loss_sum: scored.logp.sum_all()?.neg()?,
+                    count: num_targets as f64,
+                    metric_sums: vec![("token_accuracy", scored.hits as f64)],
                     real_tokens: p.real_tokens,
                     verdicts: Vec::new(),
                 })
@@ -321,8 +355,7 @@ impl Runner<'_> {
                         })
                     }
                     _ => {
-                        let logits = decoder.forward(&p.input_ids, Some(&p.attention_mask))?;
-                        let logps = sequence_logprobs(&logits, &p.input_ids, &p.targets)?;
+                        let logps = scored_logprobs(decoder, &p, &rows)?.logp.sum(1)?;
                         let reference = &self.reference[split];
                         let ref_c: Vec<f32> = batch.iter().map(|&i| reference[i].0).collect();
                         let ref_r: Vec<f32> = batch.iter().map(|&i| reference[i].1).collect();
@@ -387,17 +420,35 @@ impl Runner<'_> {
         } else {
             [0.0; 2]
         };
+        // Batch j runs on rank j mod N and every rank gets every batch's sums in batch order,
+        // so the metrics equal a single process's bit for bit (dist::shard).
+        let results = crate::dist::all_map(batches.len(), |j| {
+            let r = self.micro(decoder, examples, &batches[j], split, genrm_counts)?;
+            Ok(EvalBatch {
+                loss: r.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+                count: r.count,
+                metric_sums: r
+                    .metric_sums
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), *v))
+                    .collect(),
+                verdicts: r.verdicts,
+            })
+        })?;
         let mut loss = 0f64;
         let mut count = 0f64;
-        let mut sums: Vec<(&'static str, f64)> = Vec::new();
+        let mut sums: Vec<(String, f64)> = Vec::new();
         let mut verdicts = Vec::new();
-        for batch in &batches {
-            let r = self.micro(decoder, examples, batch, split, genrm_counts)?;
-            loss += r.loss_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        for r in results {
+            loss += r.loss;
             count += r.count;
             verdicts.extend(r.verdicts);
             if sums.is_empty() {
-                sums = r.metric_sums.iter().map(|(n, _)| (*n, 0.0)).collect();
+                sums = r
+                    .metric_sums
+                    .iter()
+                    .map(|(n, _)| (n.clone(), 0.0))
+                    .collect();
             }
             for (acc, (_, v)) in sums.iter_mut().zip(&r.metric_sums) {
                 acc.1 += v;
@@ -418,7 +469,7 @@ impl Runner<'_> {
                 ));
             }
         }
-        out.extend(sums.into_iter().map(|(n, v)| (n.to_string(), v / count)));
+        out.extend(sums.into_iter().map(|(n, v)| (n, v / count)));
         if genrm {
             // The verifier score metric: mean p(Yes) (teacher-forced rationale) on correct and
             // on incorrect solutions, and the AUC separating them.
@@ -441,6 +492,9 @@ impl Runner<'_> {
                 crate::infer::verify::auc(&verdicts).unwrap_or(f64::NAN),
             ));
         }
+        if let (Some(win_rate), None) = (&self.win_rate, limit) {
+            out.extend(win_rate.evaluate(decoder)?);
+        }
         Ok(out)
     }
 }
@@ -450,7 +504,7 @@ impl Runner<'_> {
     /// prompt (the tokens before its first target) and its reference (the target tokens), on the
     /// first `eval_generate` rows: 0 is a perfect copy, 1 shares nothing.
     fn edit_distance(&self, decoder: &Decoder, seqs: &[TokenizedSequence]) -> Result<f64> {
-        use crate::infer::{generate, GenerateOptions, Prompt, SamplingParams};
+        use crate::infer::{GenerateOptions, Prompt, SamplingParams};
         let mut prompts = Vec::new();
         let mut references = Vec::new();
         for s in seqs.iter().take(self.config.eval_generate) {
@@ -486,7 +540,7 @@ impl Runner<'_> {
             tokenizer: None,
             capture_after_stop: None,
         };
-        let completions = generate(decoder, &prompts, &options)?;
+        let completions = crate::infer::generate::generate_sharded(decoder, &prompts, &options)?;
         let total: f64 = completions
             .iter()
             .map(|c| normalized_edit_distance(&c.ids, &references[c.prompt]))
@@ -565,6 +619,7 @@ fn reference_logprobs(
 ) -> Result<BTreeMap<&'static str, Vec<(f32, f32)>>> {
     let cache_path = run_dir.join("reference_logps.json");
     let counts = (inputs.train.len(), inputs.eval.len());
+    let mut cached_splits = None;
     if cache_path.exists() {
         let cached = crate::error::read_json(&cache_path)?;
         let get = |k: &str| -> Option<Vec<(f32, f32)>> {
@@ -572,12 +627,19 @@ fn reference_logprobs(
         };
         if let (Some(train), Some(eval)) = (get("train"), get("eval")) {
             if (train.len(), eval.len()) == counts {
-                tracing::info!(
-                    "reusing cached reference log-probs from {}",
-                    cache_path.display()
-                );
-                return Ok(BTreeMap::from([("train", train), ("eval", eval)]));
+                cached_splits = Some((train, eval));
             }
+        }
+    }
+    // Every rank must take the same branch (the computation below is collective): the cache
+    // is used only when every rank found it.
+    if crate::dist::agree(u64::from(cached_splits.is_some()))? {
+        if let Some((train, eval)) = cached_splits {
+            tracing::info!(
+                "reusing cached reference log-probs from {}",
+                cache_path.display()
+            );
+            return Ok(BTreeMap::from([("train", train), ("eval", eval)]));
         }
     }
     let ref_dir = config
@@ -594,24 +656,32 @@ fn reference_logprobs(
         let mut logps = vec![(0f32, 0f32); pairs.len()];
         let batch_size = config.eval_batch_size.unwrap_or(config.batch_size);
         let indices: Vec<usize> = (0..pairs.len()).collect();
-        for batch in indices.chunks(batch_size) {
+        let batches: Vec<&[usize]> = indices.chunks(batch_size).collect();
+        // Batches dealt out across ranks, results gathered in order (dist::shard).
+        let per_batch = crate::dist::all_map(batches.len(), |b| {
+            let batch = batches[b];
             let rows: Vec<&TokenizedSequence> = batch
                 .iter()
                 .map(|&i| &pairs[i].chosen)
                 .chain(batch.iter().map(|&i| &pairs[i].rejected))
                 .collect();
             let p = pad(&rows, inputs.pad_id, device)?;
-            let logits = reference.forward(&p.input_ids, Some(&p.attention_mask))?;
-            let lp = sequence_logprobs(&logits, &p.input_ids, &p.targets)?.to_vec1::<f32>()?;
+            Ok(scored_logprobs(&reference, &p, &rows)?
+                .logp
+                .sum(1)?
+                .to_vec1::<f32>()?)
+        })?;
+        for (batch, lp) in batches.iter().zip(per_batch) {
             for (j, &i) in batch.iter().enumerate() {
                 logps[i] = (lp[j], lp[batch.len() + j]);
             }
         }
         out.insert(split, logps);
     }
-    let json =
-        serde_json::json!({"reference_model": ref_dir, "train": out["train"], "eval": out["eval"]});
-    crate::io::checkpoint::write_atomic(&cache_path, json.to_string().as_bytes())?;
+    if crate::dist::world().is_main() {
+        let json = serde_json::json!({"reference_model": ref_dir, "train": out["train"], "eval": out["eval"]});
+        crate::io::checkpoint::write_atomic(&cache_path, json.to_string().as_bytes())?;
+    }
     Ok(out)
 }
 
@@ -655,6 +725,8 @@ pub struct StepOutput {
     /// Real (non-pad) tokens processed.
     pub tokens: usize,
     pub samples: usize,
+    /// Seconds spent summing gradients and metrics across ranks (0 in a world of one).
+    pub allreduce_seconds: f64,
 }
 
 impl<'a> StepEngine<'a> {
@@ -716,10 +788,19 @@ impl<'a> StepEngine<'a> {
         let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
         let mut tokens = 0usize;
         let mut samples = 0usize;
+        // `micro_batches` are the step's global batches (the same on every rank, so the counts
+        // above are global); this rank computes its share of each, and the sums of the shares'
+        // gradients and metrics across ranks are exactly what one process computes.
+        let world = crate::dist::world();
         for batch in micro_batches {
+            samples += batch.len();
+            let share = crate::dist::share_of(batch, world.rank(), world.size());
+            if share.is_empty() {
+                continue;
+            }
             let r = self
                 .runner
-                .micro(&decoder, examples, batch, "train", genrm_counts)?;
+                .micro(&decoder, examples, &share, "train", genrm_counts)?;
             let loss = (r.loss_sum / step_count)?;
             loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             let store = loss.backward()?;
@@ -740,9 +821,13 @@ impl<'a> StepEngine<'a> {
                 acc.1 += v;
             }
             tokens += r.real_tokens;
-            samples += batch.len();
         }
         drop(decoder);
+        let started = Instant::now();
+        if world.size() > 1 {
+            self.all_reduce(&mut grads, &mut loss_value, &mut tokens, &mut metric_sums)?;
+        }
+        let allreduce_seconds = started.elapsed().as_secs_f64();
         let grad_norm = global_grad_norm(&grads)?;
         if !loss_value.is_finite() || !grad_norm.is_finite() {
             return Err(Error::invalid(format!(
@@ -764,7 +849,47 @@ impl<'a> StepEngine<'a> {
                 .collect(),
             tokens,
             samples,
+            allreduce_seconds,
         })
+    }
+
+    /// Sums this rank's gradients, loss, tokens and metric sums with the other ranks'. A rank
+    /// whose share of the step was empty (a global batch smaller than the world) holds no
+    /// gradients and no metric names: it adds zeros. A parameter no rank has a gradient for
+    /// stays without one, as in a single process.
+    fn all_reduce(
+        &self,
+        grads: &mut BTreeMap<String, Tensor>,
+        loss: &mut f64,
+        tokens: &mut usize,
+        metric_sums: &mut Vec<(&'static str, f64)>,
+    ) -> Result<()> {
+        use crate::dist::ReduceOp;
+        let comm = crate::dist::world().comm();
+        let mut width = [metric_sums.len() as f64];
+        comm.all_reduce_f64(&mut width, ReduceOp::Max)?;
+        metric_sums.resize(width[0] as usize, ("", 0.0));
+        let names: Vec<&String> = self.vars.keys().collect();
+        let mut scalars = vec![*loss, *tokens as f64];
+        scalars.extend(
+            names
+                .iter()
+                .map(|n| f64::from(u8::from(grads.contains_key(*n)))),
+        );
+        scalars.extend(metric_sums.iter().map(|m| m.1));
+        comm.all_reduce_f64(&mut scalars, ReduceOp::Sum)?;
+        *loss = scalars[0];
+        *tokens = scalars[1] as usize;
+        for (name, present) in names.iter().zip(&scalars[2..]) {
+            if *present > 0.0 && !grads.contains_key(*name) {
+                let var = &self.vars[*name];
+                grads.insert((*name).clone(), var.as_tensor().zeros_like()?);
+            }
+        }
+        for (m, v) in metric_sums.iter_mut().zip(&scalars[2 + names.len()..]) {
+            m.1 = *v;
+        }
+        crate::dist::all_reduce_gradients(comm, grads, crate::dist::DEFAULT_BUCKET_ELEMENTS)
     }
 }
 
@@ -778,6 +903,24 @@ pub fn time_steps(
     warmup: usize,
     steps: usize,
 ) -> Result<Vec<f64>> {
+    Ok(
+        time_steps_with_allreduce(config, decoder, examples, warmup, steps)?
+            .into_iter()
+            .map(|(seconds, _)| seconds)
+            .collect(),
+    )
+}
+
+/// As `time_steps`, with each step's seconds spent in the cross-rank all-reduce beside its
+/// total: `(step seconds, all-reduce seconds)`. Under a launcher every rank times its share of
+/// the same global batch.
+pub fn time_steps_with_allreduce(
+    config: &TrainConfig,
+    decoder: Decoder,
+    examples: &Examples,
+    warmup: usize,
+    steps: usize,
+) -> Result<Vec<(f64, f64)>> {
     let device = decoder.device().clone();
     let dtype = parse_dtype(&config.precision)?;
     let reference = BTreeMap::from([("train", vec![(0f32, 0f32); examples.len()])]);
@@ -794,15 +937,16 @@ pub fn time_steps(
             loss_type: config.loss_type,
         },
         reference,
+        win_rate: None,
     };
     let mut engine = StepEngine::new(runner, decoder, dtype)?;
     let batch: Vec<usize> = (0..config.batch_size.min(examples.len())).collect();
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
         let started = Instant::now();
-        engine.step(examples, std::slice::from_ref(&batch), 1e-5)?;
+        let out = engine.step(examples, std::slice::from_ref(&batch), 1e-5)?;
         if i >= warmup {
-            times.push(started.elapsed().as_secs_f64());
+            times.push((started.elapsed().as_secs_f64(), out.allreduce_seconds));
         }
     }
     Ok(times)
@@ -819,10 +963,25 @@ fn log_eval(
 }
 
 /// Runs training (or evaluation only) as configured.
+///
+/// Under a launcher (dist), every rank runs this with the same config and data: each computes
+/// its share of every global batch, and rank 0 alone writes the run directory.
 pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
+    let world = crate::dist::world();
     let run_dir = config.run_dir();
-    std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
-    crate::io::checkpoint::write_atomic(&run_dir.join("config.toml"), config.to_toml().as_bytes())?;
+    if !crate::dist::agree(run_fingerprint(config, &inputs))? {
+        return Err(Error::invalid(format!(
+            "{}the ranks disagree on the run: every rank must get the same config, flags and data",
+            world.log_prefix()
+        )));
+    }
+    if world.is_main() {
+        std::fs::create_dir_all(&run_dir).map_err(|e| Error::io(&run_dir, e))?;
+        crate::io::checkpoint::write_atomic(
+            &run_dir.join("config.toml"),
+            config.to_toml().as_bytes(),
+        )?;
+    }
     let device = crate::device::select()?;
     let dtype = parse_dtype(&config.precision)?;
     if device.is_cpu() && dtype == DType::BF16 {
@@ -857,6 +1016,11 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
             loss_type: config.loss_type,
         },
         reference,
+        win_rate: super::win_rate_eval::WinRateEval::new(
+            config,
+            &inputs.win_rate_prompts,
+            &device,
+        )?,
     };
 
     if config.eval_only {
@@ -880,6 +1044,9 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         samples_seen: 0,
         seed: config.seed,
         objective: config.objective.name().into(),
+        batch_size: Some(config.batch_size),
+        accumulate_grad_batches: Some(config.accumulate_grad_batches),
+        world_size: Some(world.size()),
     };
     if let Some(dir) = &resume {
         state = load_checkpoint_state(dir, &mut engine.optimizer, &device)?;
@@ -893,6 +1060,29 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
                 ),
             ));
         }
+        // The data cursor counts global batches: it carries over to any world size, but only
+        // with the same global batch (the epoch plans depend on it).
+        for (name, saved, now) in [
+            ("--batch-size", state.batch_size, config.batch_size),
+            (
+                "--accumulate-grad-batches",
+                state.accumulate_grad_batches,
+                config.accumulate_grad_batches,
+            ),
+        ] {
+            if saved.is_some_and(|saved| saved != now) {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "the checkpoint's data cursor counts global batches of {name} {}; resume with the same {name} (the world size may change), not {now}",
+                        saved.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        state.batch_size = Some(config.batch_size);
+        state.accumulate_grad_batches = Some(config.accumulate_grad_batches);
+        state.world_size = Some(world.size());
         tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     }
     let mut metrics = MetricsWriter::open(&run_dir, resume.as_ref().map(|_| state.step))?;
@@ -920,6 +1110,9 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
     }
 
     let progress = indicatif::ProgressBar::new(total_steps as u64);
+    if !world.is_main() {
+        progress.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
     progress.set_style(
         indicatif::ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -992,15 +1185,19 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
             .checkpoint_frequency
             .is_some_and(|n| n > 0 && state.step.is_multiple_of(n))
         {
-            let d = engine.decoder(DType::F32)?;
-            last_checkpoint = Some(save_checkpoint(
-                &run_dir,
-                &d,
-                &inputs.tokenizer_dir,
-                &engine.optimizer,
-                &state,
-                config.ckpt_to_keep,
-            )?);
+            last_checkpoint = Some(if world.is_main() {
+                let d = engine.decoder(DType::F32)?;
+                save_checkpoint(
+                    &run_dir,
+                    &d,
+                    &inputs.tokenizer_dir,
+                    &engine.optimizer,
+                    &state,
+                    config.ckpt_to_keep,
+                )?
+            } else {
+                super::checkpoint::checkpoint_dir(&run_dir, state.step)
+            });
         }
     }
     progress.finish_and_clear();
@@ -1012,12 +1209,14 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         log_eval(&mut metrics, state.step, state.epoch, &eval_metrics)?;
     }
     let final_dir = run_dir.join("final");
-    save_model(
-        &final_decoder,
-        Some(&inputs.tokenizer_dir),
-        &final_dir,
-        DType::F32,
-    )?;
+    if world.is_main() {
+        save_model(
+            &final_decoder,
+            Some(&inputs.tokenizer_dir),
+            &final_dir,
+            DType::F32,
+        )?;
+    }
     Ok(RunSummary {
         run_dir,
         final_dir: Some(final_dir),
@@ -1025,6 +1224,22 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         train_losses,
         eval_metrics,
     })
+}
+
+/// What every rank of one run must agree on: the resolved config and the tokenized data's
+/// shape (52 bits of a SHA-256).
+fn run_fingerprint(config: &TrainConfig, inputs: &TrainInputs) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut hash = Sha256::new();
+    hash.update(config.to_toml().as_bytes());
+    for examples in [&inputs.train, &inputs.eval] {
+        hash.update((examples.len() as u64).to_le_bytes());
+        for i in 0..examples.len() {
+            hash.update((examples.length(i) as u64).to_le_bytes());
+        }
+    }
+    let digest = hash.finalize();
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]

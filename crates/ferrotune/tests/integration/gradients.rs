@@ -79,3 +79,96 @@ fn every_parameter_gets_a_nonzero_gradient() {
         }
     }
 }
+
+/// The training path's gradients (decoder with the fused RMSNorm, fused chunked head +
+/// cross-entropy) equal transformers' autograd in float64 (`scripts/fixtures/make_grad_fixtures.py`)
+/// for every parameter: norm, sum and the first 16 values, to 1e-4 relative.
+#[test]
+fn sft_loss_gradients_match_transformers() {
+    use ferrotune::model::fused::head_logprobs;
+
+    let fixture = crate::read_fixture_json("gradients.json");
+    let rows = |key: &str| -> Vec<Vec<u32>> {
+        fixture[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect()
+            })
+            .collect()
+    };
+    let ids = rows("input_ids");
+    let mask = rows("attention_mask");
+    let scored: Vec<Vec<bool>> = rows("scored")
+        .into_iter()
+        .map(|r| r.into_iter().map(|x| x != 0).collect())
+        .collect();
+    let (b, t) = (ids.len(), ids[0].len());
+    let flat = |v: &[Vec<u32>]| Tensor::from_vec(v.concat(), (b, t), &Device::Cpu).unwrap();
+    for (name, reference) in fixture["models"].as_object().unwrap() {
+        let loaded = load_fixture(name);
+        let config = loaded.decoder.config().clone();
+        let vars: BTreeMap<String, Var> = loaded
+            .decoder
+            .params()
+            .iter()
+            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let params = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let decoder = Decoder::from_params(config, params).unwrap();
+        let hidden = decoder
+            .forward_hidden(&flat(&ids), Some(&flat(&mask)))
+            .unwrap();
+        let (logp, _) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored).unwrap();
+        let count = scored.iter().flatten().filter(|&&s| s).count() as f64;
+        let loss = (logp.sum_all().unwrap().neg().unwrap() / count).unwrap();
+        let want_loss = reference["loss"].as_f64().unwrap();
+        let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
+        assert!(
+            (got_loss - want_loss).abs() < 1e-5 * want_loss.abs(),
+            "{name}: loss {got_loss} vs {want_loss}"
+        );
+        let grads = loss.backward().unwrap();
+        let close = |got: f64, want: f64, scale: f64| (got - want).abs() <= 1e-4 * scale + 1e-7;
+        for (pname, want) in reference["params"].as_object().unwrap() {
+            let var = vars
+                .get(pname)
+                .unwrap_or_else(|| panic!("{name}: no parameter {pname}"));
+            let g: Vec<f32> = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"))
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+            let sum: f64 = g.iter().map(|&x| x as f64).sum();
+            let want_norm = want["norm"].as_f64().unwrap();
+            assert!(
+                close(norm, want_norm, want_norm),
+                "{name} {pname}: norm {norm} vs {want_norm}"
+            );
+            assert!(
+                close(sum, want["sum"].as_f64().unwrap(), want_norm),
+                "{name} {pname}: sum {sum} vs {}",
+                want["sum"]
+            );
+            for (i, w) in want["head"].as_array().unwrap().iter().enumerate() {
+                let w = w.as_f64().unwrap();
+                assert!(
+                    close(g[i] as f64, w, want_norm),
+                    "{name} {pname}[{i}]: {} vs {w}",
+                    g[i]
+                );
+            }
+        }
+    }
+}

@@ -13,6 +13,7 @@
 //! Every stage runs a fixed number of steps, so two runs with one seed give the same numbers.
 
 mod plot;
+mod policy_rows;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -93,6 +94,8 @@ struct Profile {
     k_max: usize,
     hidden: usize,
     layers: usize,
+    /// Training questions the DPO policy answers (4 samples each) for the verifier's data.
+    policy_questions: usize,
 }
 
 impl Profile {
@@ -111,6 +114,7 @@ impl Profile {
             k_max: 32,
             hidden: 128,
             layers: 4,
+            policy_questions: 1000,
         };
         Ok(match (smoke, name) {
             (true, _) => Profile {
@@ -125,6 +129,7 @@ impl Profile {
                 k_max: 4,
                 hidden: 32,
                 layers: 2,
+                policy_questions: 8,
                 ..base
             },
             (false, "default") => base,
@@ -133,6 +138,7 @@ impl Profile {
                 step_scale: 3.0,
                 world_size: 8000,
                 bon_problems: 200,
+                policy_questions: 2000,
                 ..base
             },
             (false, other) => anyhow::bail!("--profile must be default or long, got `{other}`"),
@@ -491,11 +497,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .join("genrm_correct.jsonl")
         .to_string_lossy()
         .to_string();
+    let verify_data = data.join("genrm_verify_policy.jsonl");
+    let policy_rows = p.timed("policy_samples", |p| {
+        let rows = policy_rows::write_policy_rows(
+            &dpo,
+            &data.join("sft.jsonl"),
+            &data.join("genrm_verify.jsonl"),
+            p.profile.policy_questions,
+            4,
+            p.seed,
+            &verify_data,
+        )?;
+        p.commands.push(format!(
+            "ferrotune generate --model {} --prompts <first {} questions of {}> --n 4 --temperature 1.0 (each sample critiqued by the world's checker, balanced, appended to genrm_verify.jsonl as {})",
+            dpo.display(),
+            p.profile.policy_questions,
+            data.join("sft.jsonl").display(),
+            verify_data.display()
+        ));
+        Ok(rows)
+    })?;
     let (genrm, genrm_eval) = p.timed("genrm", |p| {
         p.train(
             "genrm",
             &dpo,
-            &data.join("genrm_verify.jsonl"),
+            &verify_data,
             &[("correct_data", json!(correct))],
         )
     })?;
@@ -557,7 +583,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 k_step: p.profile.k_step,
                 k_max: p.profile.k_max,
                 var_threshold: 0.05,
-                params: SamplingParams { temperature: 0.7, max_new_tokens: 128, ..Default::default() },
+                params: SamplingParams { temperature: 0.5, max_new_tokens: 128, ..Default::default() },
                 seed: p.seed,
                 raw_p_yes: false,
                 batch_size: 128,
@@ -565,7 +591,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format: Format::Terse,
         };
         p.commands.push(format!(
-            "ferrotune best-of-n --policy {} --verifier {} --data {} --n {} --k-min {} --k-step {} --k-max {} --var-threshold 0.05 --format terse --max-new-tokens 96 --verifier-max-new-tokens 128 --verifier-temperature 0.7 --seed {}",
+            "ferrotune best-of-n --policy {} --verifier {} --data {} --n {} --k-min {} --k-step {} --k-max {} --var-threshold 0.05 --format terse --max-new-tokens 96 --verifier-max-new-tokens 128 --verifier-temperature 0.5 --seed {}",
             dpo.display(), genrm.display(), data.join("test.jsonl").display(), p.profile.n, p.profile.k_min, p.profile.k_step, p.profile.k_max, p.seed
         ));
         let subset = &problems[..p.profile.bon_problems.min(problems.len())];
@@ -612,6 +638,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "distinct_candidates": bon.distinct_candidates,
         "tokens_sampled": {"policy": bon.policy_tokens, "verifier_fixed": bon.fixed.verifier_tokens, "verifier_adaptive": bon.adaptive.verifier_tokens},
         "dpo_preference_accuracy": r4(metric_or_nan(&dpo_eval, "rewards/accuracies")),
+        "genrm_policy_rows": {"correct": policy_rows.correct, "incorrect": policy_rows.incorrect, "tokens_sampled": policy_rows.tokens},
         "rm_pairwise_accuracy": r4(metric_or_nan(&rm_eval, "accuracy")),
         "dpo_vs_sft_win_rate": win_rates["dpo_vs_sft"]["win_rate"],
         "dpo_vs_sft": win_rates["dpo_vs_sft"],

@@ -1,0 +1,641 @@
+//! Fused CPU kernels with their own backward pass, for the training path.
+//!
+//! Composed candle ops allocate a fresh tensor per elementwise step and walk memory once per
+//! step; the two places where that dominates a training step get one kernel each:
+//!
+//! - [`head_logprobs`]: LM head + log-softmax + target pick, chunked over the scored rows, so
+//!   the `[tokens, vocab]` logits never exist whole (152k columns at Qwen2.5-0.5B). Rows that
+//!   are not scored (prompt, padding) cost nothing. The backward pass recomputes each chunk's
+//!   logits instead of keeping them: one extra head matmul buys O(chunk) memory.
+//! - [`rms_norm`]: one pass forward, one pass backward instead of six tensors each way.
+//!
+//! Both run on the CPU; on other devices they fall back to the composed differentiable ops in
+//! [`super::ops`] (same values). Every kernel is tested against that composed reference, values
+//! and gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
+use rayon::prelude::*;
+
+use super::ops;
+use crate::error::{Error, Result};
+
+/// Elements of logits computed at once per chunk of [`head_logprobs`] (64 MB of f32): large
+/// enough that the head matmuls stay efficient, small enough to never matter for memory.
+const CHUNK_ELEMENTS: usize = 16 << 20;
+
+fn cpu_error(message: impl Into<String>) -> candle_core::Error {
+    candle_core::Error::Msg(message.into())
+}
+
+/// The f32 contents of a contiguous CPU storage, honouring the layout's start offset.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+    if !layout.is_contiguous() {
+        return Err(cpu_error("fused kernel input is not contiguous"));
+    }
+    let all = storage.as_slice::<f32>()?;
+    let start = layout.start_offset();
+    Ok(&all[start..start + layout.shape().elem_count()])
+}
+
+/// Runs `f` on the f32 contents of a contiguous CPU tensor.
+fn with_f32<R>(
+    t: &Tensor,
+    f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(f32_slice(cpu, layout)?),
+        _ => Err(cpu_error("fused kernel tensor is not on the CPU")),
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match candle_core::utils::get_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// Row-major matrix views for [`gemm`]: `rows × cols` with the given strides.
+#[derive(Clone, Copy)]
+struct View {
+    col_stride: isize,
+    row_stride: isize,
+}
+
+const fn row_major(cols: usize) -> View {
+    View {
+        col_stride: 1,
+        row_stride: cols as isize,
+    }
+}
+
+/// The transpose of a row-major `[rows, cols]` matrix, seen as `[cols, rows]`.
+const fn transposed(cols: usize) -> View {
+    View {
+        col_stride: cols as isize,
+        row_stride: 1,
+    }
+}
+
+/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    lhs_view: View,
+    rhs: &[f32],
+    rhs_view: View,
+) {
+    assert!(dst.len() >= m * n, "gemm destination too small");
+    // SAFETY: the views address only elements inside `lhs` (m×k), `rhs` (k×n) and `dst` (m×n,
+    // row-major), whose lengths the callers size from the same dimensions.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_view.col_stride,
+            lhs_view.row_stride,
+            rhs.as_ptr(),
+            rhs_view.col_stride,
+            rhs_view.row_stride,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// Max and `Σ exp(x − max)` of one row.
+fn row_stats(row: &[f32]) -> (f32, f32) {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>();
+    (max, sum)
+}
+
+/// One scored position: the hidden row that predicts it, where its log-prob goes in the
+/// output, and the token it must predict.
+#[derive(Debug, Clone, Copy)]
+struct Pick {
+    row: usize,
+    out: usize,
+    target: u32,
+}
+
+struct HeadLogprob {
+    picks: Vec<Pick>,
+    out_len: usize,
+    hidden_size: usize,
+    vocab: usize,
+    /// Elements of logits per chunk ([`CHUNK_ELEMENTS`]; smaller in tests).
+    chunk_elements: usize,
+    /// Per pick: the argmax of the logits equals the target (filled by the forward pass).
+    hits: Arc<Mutex<Vec<bool>>>,
+}
+
+impl HeadLogprob {
+    fn chunk_rows(&self) -> usize {
+        (self.chunk_elements / self.vocab.max(1)).max(1)
+    }
+
+    /// The picked hidden rows, packed: `[picks, hidden]`.
+    fn gather_rows(&self, hidden: &[f32]) -> Vec<f32> {
+        let h = self.hidden_size;
+        let mut packed = vec![0f32; self.picks.len() * h];
+        for (dst, p) in packed.chunks_mut(h).zip(&self.picks) {
+            dst.copy_from_slice(&hidden[p.row * h..(p.row + 1) * h]);
+        }
+        packed
+    }
+
+    /// Logits of picks `start..start+rows` into `buf`.
+    fn chunk_logits(
+        &self,
+        packed: &[f32],
+        head: &[f32],
+        start: usize,
+        rows: usize,
+        buf: &mut [f32],
+    ) {
+        let (h, v) = (self.hidden_size, self.vocab);
+        gemm(
+            (rows, v, h),
+            buf,
+            false,
+            &packed[start * h..(start + rows) * h],
+            row_major(h),
+            head,
+            transposed(h),
+        );
+    }
+
+    fn forward(&self, hidden: &[f32], head: &[f32]) -> Vec<f32> {
+        let v = self.vocab;
+        let packed = self.gather_rows(hidden);
+        let mut out = vec![0f32; self.out_len];
+        let mut hits = vec![false; self.picks.len()];
+        let chunk = self.chunk_rows();
+        let mut buf = vec![0f32; chunk.min(self.picks.len()) * v];
+        for start in (0..self.picks.len()).step_by(chunk) {
+            let rows = chunk.min(self.picks.len() - start);
+            self.chunk_logits(&packed, head, start, rows, &mut buf);
+            let picks = &self.picks[start..start + rows];
+            let results: Vec<(f32, bool)> = buf[..rows * v]
+                .par_chunks(v)
+                .zip(picks.par_iter())
+                .map(|(row, p)| {
+                    let (max, sum) = row_stats(row);
+                    let x = row[p.target as usize];
+                    (x - max - sum.ln(), x >= max)
+                })
+                .collect();
+            for ((p, (logp, hit)), slot) in picks.iter().zip(results).zip(&mut hits[start..]) {
+                out[p.out] = logp;
+                *slot = hit;
+            }
+        }
+        *self.hits.lock().expect("hits lock") = hits;
+        out
+    }
+
+    /// Gradients w.r.t. the hidden rows `[N, hidden]` and the head `[vocab, hidden]`, given the
+    /// output's gradient. `d logp / d logits = onehot(target) − softmax`.
+    fn backward(&self, hidden: &[f32], head: &[f32], grad_out: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let (h, v) = (self.hidden_size, self.vocab);
+        let packed = self.gather_rows(hidden);
+        let mut grad_packed = vec![0f32; packed.len()];
+        let mut grad_head = vec![0f32; v * h];
+        let chunk = self.chunk_rows();
+        let mut buf = vec![0f32; chunk.min(self.picks.len()) * v];
+        for start in (0..self.picks.len()).step_by(chunk) {
+            let rows = chunk.min(self.picks.len() - start);
+            self.chunk_logits(&packed, head, start, rows, &mut buf);
+            let picks = &self.picks[start..start + rows];
+            buf[..rows * v]
+                .par_chunks_mut(v)
+                .zip(picks.par_iter())
+                .for_each(|(row, p)| {
+                    let g = grad_out[p.out];
+                    let (max, sum) = row_stats(row);
+                    let scale = -g / sum;
+                    for x in row.iter_mut() {
+                        *x = scale * (*x - max).exp();
+                    }
+                    row[p.target as usize] += g;
+                });
+            // d hidden = G · head; d head += Gᵀ · hidden.
+            gemm(
+                (rows, h, v),
+                &mut grad_packed[start * h..(start + rows) * h],
+                false,
+                &buf[..rows * v],
+                row_major(v),
+                head,
+                row_major(h),
+            );
+            gemm(
+                (v, h, rows),
+                &mut grad_head,
+                true,
+                &buf[..rows * v],
+                transposed(v),
+                &packed[start * h..(start + rows) * h],
+                row_major(h),
+            );
+        }
+        let mut grad_hidden = vec![0f32; hidden.len()];
+        for (src, p) in grad_packed.chunks(h).zip(&self.picks) {
+            for (d, s) in grad_hidden[p.row * h..(p.row + 1) * h].iter_mut().zip(src) {
+                *d += s;
+            }
+        }
+        (grad_hidden, grad_head)
+    }
+}
+
+impl CustomOp2 for HeadLogprob {
+    fn name(&self) -> &'static str {
+        "head-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.forward(f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        Ok((CpuStorage::F32(out), Shape::from(self.out_len)))
+    }
+
+    fn bwd(
+        &self,
+        hidden: &Tensor,
+        head: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_res = grad_res.contiguous()?;
+        let (gh, gw) = with_f32(hidden, |hs| {
+            with_f32(head, |ws| {
+                with_f32(&grad_res, |g| Ok(self.backward(hs, ws, g)))
+            })
+        })?;
+        let gh = Tensor::from_vec(gh, hidden.shape(), hidden.device())?;
+        let gw = Tensor::from_vec(gw, head.shape(), head.device())?;
+        Ok((Some(gh), Some(gw)))
+    }
+}
+
+/// Target log-probs straight from the last hidden states, never materialising the logits.
+///
+/// `hidden` [B, T, H] (the final-norm output), `head` [V, H], `input_ids` [B, T] and `scored`
+/// [B][T] (which tokens to score). Returns `(logp, hits)`: `logp` [B, T] f32 with
+/// `logp[b][i] = log p(input_ids[b][i] | input_ids[b][<i])` where `scored[b][i]` (i ≥ 1) and 0
+/// elsewhere — `token_logprobs(linear(hidden, head)) * scored` of `objectives` — and `hits`,
+/// how many scored tokens are the argmax of their distribution (token accuracy). Gradients
+/// reach `hidden` and `head`.
+pub fn head_logprobs(
+    hidden: &Tensor,
+    head: &Tensor,
+    input_ids: &[Vec<u32>],
+    scored: &[Vec<bool>],
+) -> Result<(Tensor, usize)> {
+    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS)
+}
+
+fn head_logprobs_chunked(
+    hidden: &Tensor,
+    head: &Tensor,
+    input_ids: &[Vec<u32>],
+    scored: &[Vec<bool>],
+    chunk_elements: usize,
+) -> Result<(Tensor, usize)> {
+    let (b, t, h) = hidden.dims3()?;
+    let (v, h2) = head.dims2()?;
+    if h != h2 || input_ids.len() != b || scored.len() != b {
+        return Err(Error::invalid(format!(
+            "head_logprobs: hidden {:?}, head {:?}, {} id rows, {} mask rows",
+            hidden.dims(),
+            head.dims(),
+            input_ids.len(),
+            scored.len()
+        )));
+    }
+    let mut picks = Vec::new();
+    for (r, (ids, mask)) in input_ids.iter().zip(scored).enumerate() {
+        for i in 1..t.min(ids.len()).min(mask.len()) {
+            if mask[i] {
+                if ids[i] as usize >= v {
+                    return Err(Error::invalid(format!(
+                        "token id {} is outside the head's vocabulary of {v}",
+                        ids[i]
+                    )));
+                }
+                picks.push(Pick {
+                    row: r * t + i - 1,
+                    out: r * t + i,
+                    target: ids[i],
+                });
+            }
+        }
+    }
+    if !hidden.device().is_cpu() {
+        return head_logprobs_composed(hidden, head, input_ids, scored);
+    }
+    let hits = Arc::new(Mutex::new(Vec::new()));
+    let op = HeadLogprob {
+        picks,
+        out_len: b * t,
+        hidden_size: h,
+        vocab: v,
+        chunk_elements,
+        hits: hits.clone(),
+    };
+    let hidden2 = hidden
+        .to_dtype(DType::F32)?
+        .reshape((b * t, h))?
+        .contiguous()?;
+    let head = head.to_dtype(DType::F32)?.contiguous()?;
+    let logp = hidden2.apply_op2(&head, op)?.reshape((b, t))?;
+    let hits = hits
+        .lock()
+        .expect("hits lock")
+        .iter()
+        .filter(|&&x| x)
+        .count();
+    Ok((logp, hits))
+}
+
+/// The same as [`head_logprobs`] through composed ops (non-CPU devices, and the reference the
+/// tests compare against).
+pub fn head_logprobs_composed(
+    hidden: &Tensor,
+    head: &Tensor,
+    input_ids: &[Vec<u32>],
+    scored: &[Vec<bool>],
+) -> Result<(Tensor, usize)> {
+    let (b, t, _) = hidden.dims3()?;
+    let device = hidden.device();
+    let flat_ids: Vec<u32> = input_ids.iter().flat_map(|r| r.iter().copied()).collect();
+    let flat_mask: Vec<f32> = scored
+        .iter()
+        .flat_map(|r| r.iter().map(|&m| f32::from(u8::from(m))))
+        .collect();
+    let ids = Tensor::from_vec(flat_ids, (b, t), device)?;
+    let mask = Tensor::from_vec(flat_mask, (b, t), device)?;
+    let logits = ops::linear(hidden, head, None)?;
+    let logp = crate::objectives::token_logprobs(&logits, &ids)?;
+    let logp = (logp * &mask)?;
+    let predicted = logits.narrow(1, 0, t - 1)?.detach().argmax(D::Minus1)?;
+    let actual = ids.narrow(1, 1, t - 1)?;
+    let hits = (predicted.eq(&actual)?.to_dtype(DType::F32)? * mask.narrow(1, 1, t - 1)?)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    Ok((logp, hits.round() as usize))
+}
+
+struct RmsNorm {
+    eps: f32,
+    hidden_size: usize,
+}
+
+impl RmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let mean_square = row.iter().map(|x| x * x).sum::<f32>() / self.hidden_size as f32;
+        1.0 / (mean_square + self.eps).sqrt()
+    }
+
+    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let h = self.hidden_size;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(out, row)| {
+                let r = self.inv_rms(row);
+                for ((o, &xi), &wi) in out.iter_mut().zip(row).zip(w) {
+                    *o = xi * r * wi;
+                }
+            });
+        y
+    }
+
+    /// `dx_k = r·(w_k·dy_k − x_k·r²·Σ_j w_j·dy_j·x_j / H)`, `dw_j = Σ_rows dy_j·x_j·r`.
+    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+        let h = self.hidden_size;
+        let mut dx = vec![0f32; x.len()];
+        // Rows in blocks, each block with its own partial dw, summed at the end.
+        const BLOCK: usize = 32;
+        let dw = dx
+            .par_chunks_mut(h * BLOCK)
+            .zip(x.par_chunks(h * BLOCK).zip(dy.par_chunks(h * BLOCK)))
+            .map(|(dx_block, (x_block, dy_block))| {
+                let mut dw = vec![0f32; h];
+                for ((dxr, xr), dyr) in dx_block
+                    .chunks_mut(h)
+                    .zip(x_block.chunks(h))
+                    .zip(dy_block.chunks(h))
+                {
+                    let r = self.inv_rms(xr);
+                    let dot: f32 = xr.iter().zip(dyr).zip(w).map(|((a, b), c)| a * b * c).sum();
+                    let c = r * r * dot / h as f32;
+                    for k in 0..h {
+                        dxr[k] = r * (w[k] * dyr[k] - xr[k] * c);
+                        dw[k] += dyr[k] * xr[k] * r;
+                    }
+                }
+                dw
+            })
+            .reduce(
+                || vec![0f32; h],
+                |mut a, b| {
+                    for (x, y) in a.iter_mut().zip(b) {
+                        *x += y;
+                    }
+                    a
+                },
+            );
+        (dx, dw)
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.forward(f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad_res = grad_res.contiguous()?;
+        let (dx, dw) = with_f32(x, |xs| {
+            with_f32(w, |ws| {
+                with_f32(&grad_res, |g| Ok(self.backward(xs, ws, g)))
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// RMSNorm as in HF Llama/Qwen2 (`w * x / sqrt(mean(x²) + eps)`), differentiable in `x` and
+/// `w`: one fused kernel each way on the CPU in f32, the composed ops elsewhere.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+        return ops::rms_norm(x, weight, eps);
+    }
+    let hidden_size = x.dim(D::Minus1)?;
+    let op = RmsNorm {
+        eps: eps as f32,
+        hidden_size,
+    };
+    Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Loss weights that are not all equal, so a wrong gradient cannot cancel out.
+    fn weighted_sum(t: &Tensor, seed: u64) -> Tensor {
+        let w = random(t.dims(), seed, 1.0);
+        (t * w).unwrap().sum_all().unwrap()
+    }
+
+    #[test]
+    fn head_logprobs_match_composed_values_and_gradients() {
+        let (b, t, h, v) = (3, 7, 16, 50);
+        let hidden = Var::from_tensor(&random(&[b, t, h], 1, 1.0)).unwrap();
+        let head = Var::from_tensor(&random(&[v, h], 2, 0.5)).unwrap();
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 31 + i * 17) % v) as u32).collect())
+            .collect();
+        // Scored tokens: a prompt part, a padded tail and a fully unscored row.
+        let scored: Vec<Vec<bool>> = vec![
+            (0..t).map(|i| i >= 2).collect(),
+            (0..t).map(|i| (1..5).contains(&i)).collect(),
+            vec![false; t],
+        ];
+        let (fused, fused_hits) =
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored).unwrap();
+        let (reference, ref_hits) =
+            head_logprobs_composed(hidden.as_tensor(), head.as_tensor(), &ids, &scored).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+        assert_eq!(fused_hits, ref_hits);
+        let gf = weighted_sum(&fused, 9).backward().unwrap();
+        let gr = weighted_sum(&reference, 9).backward().unwrap();
+        for var in [&hidden, &head] {
+            let a = gf.get(var.as_tensor()).unwrap();
+            let r = gr.get(var.as_tensor()).unwrap();
+            let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0);
+            assert!(
+                max_abs_diff(a, r) < 1e-5 * scale.max(1.0),
+                "{}",
+                max_abs_diff(a, r)
+            );
+        }
+    }
+
+    #[test]
+    fn head_logprobs_chunking_does_not_change_results() {
+        // Chunks of 2 rows (and a last, shorter one) against one chunk of everything.
+        let (b, t, h, v) = (2, 6, 8, 40);
+        let hidden = Var::from_tensor(&random(&[b, t, h], 3, 1.0)).unwrap();
+        let head = Var::from_tensor(&random(&[v, h], 4, 0.5)).unwrap();
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 13 + i * 7) % v) as u32).collect())
+            .collect();
+        let scored = vec![vec![true; t]; b];
+        let run = |chunk_elements| {
+            let (logp, hits) = head_logprobs_chunked(
+                hidden.as_tensor(),
+                head.as_tensor(),
+                &ids,
+                &scored,
+                chunk_elements,
+            )
+            .unwrap();
+            let grads = weighted_sum(&logp, 11).backward().unwrap();
+            let gh = grads.get(hidden.as_tensor()).unwrap().clone();
+            let gw = grads.get(head.as_tensor()).unwrap().clone();
+            (logp, hits, gh, gw)
+        };
+        let (l1, h1, gh1, gw1) = run(2 * v);
+        let (l2, h2, gh2, gw2) = run(1 << 20);
+        assert_eq!(h1, h2);
+        assert!(max_abs_diff(&l1, &l2) < 1e-6);
+        assert!(max_abs_diff(&gh1, &gh2) < 1e-6);
+        assert!(max_abs_diff(&gw1, &gw2) < 1e-6);
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_values_and_gradients() {
+        let x = Var::from_tensor(&random(&[2, 5, 24], 5, 2.0)).unwrap();
+        let w = Var::from_tensor(&random(&[24], 6, 1.5)).unwrap();
+        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        let reference = ops::rms_norm(x.as_tensor(), w.as_tensor(), 1e-6).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+        let gf = weighted_sum(&fused, 7).backward().unwrap();
+        let gr = weighted_sum(&reference, 7).backward().unwrap();
+        for var in [&x, &w] {
+            let a = gf.get(var.as_tensor()).unwrap();
+            let r = gr.get(var.as_tensor()).unwrap();
+            assert!(max_abs_diff(a, r) < 1e-4, "{}", max_abs_diff(a, r));
+        }
+    }
+}
