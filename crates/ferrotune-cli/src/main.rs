@@ -101,10 +101,11 @@ impl Command {
 /// candle's CPU backend runs elementwise ops on its own spin-waiting thread pool
 /// (`CANDLE_NUM_THREADS`, default: all cores) and matrix products on rayon's
 /// (`RAYON_NUM_THREADS`). On a small machine the two pools spin against each other, and any other
-/// load makes one thread wait on a descheduled one: measured on 2 cores, the quickstart's SFT step
-/// ran 3x faster with elementwise ops on the calling thread alone, and the 5M benchmark model's
-/// step was faster too. Matrix products keep every core. `CANDLE_NUM_THREADS` in the
-/// environment still wins.
+/// load makes one thread wait on a descheduled one. Measured on 2 cores with another job running,
+/// the quickstart's SFT step ran 3x faster and the 5M benchmark model's step 1.8x faster with
+/// elementwise ops on the calling thread alone; on an idle machine the two settings tie (5M step
+/// 2,171-2,328 vs 2,010-2,359 tok/s). Matrix products keep every core. `CANDLE_NUM_THREADS` in
+/// the environment still wins.
 fn single_threaded_elementwise() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         // Before any thread exists: nothing else reads the environment concurrently.

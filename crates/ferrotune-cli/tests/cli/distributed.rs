@@ -229,7 +229,7 @@ fn two_ranks_reproduce_one_rank_for_20_dpo_steps() {
             "--max-steps",
             "20",
             "--lr",
-            "3e-4",
+            "2e-4",
             "--lr-scheduler",
             "constant",
             "--val-check-interval",
