@@ -72,7 +72,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
-use super::reader::{file_rows, kind_of, RawRow, Source, ROW_FIELD};
+use super::reader::{file_rows, kind_of, object_row, JsonlRows, RawRow, Source, ROW_FIELD};
 use super::schema::{parse_row, Example, Schema};
 use crate::error::{Error, Result};
 use crate::infer::verify::{
@@ -649,78 +649,6 @@ impl Builder<'_> {
     }
 }
 
-/// JSONL rows from any reader (a zip member, a gunzipped shard), as `reader.rs` reads `.jsonl`:
-/// 1-based line numbers, blank lines skipped, a UTF-8 BOM on line 1 dropped.
-struct JsonLines<R> {
-    reader: R,
-    path: Arc<Path>,
-    line: usize,
-    buffer: Vec<u8>,
-    done: bool,
-}
-
-impl<R: BufRead> JsonLines<R> {
-    fn new(reader: R, path: &Path) -> Self {
-        JsonLines {
-            reader,
-            path: Arc::from(path),
-            line: 0,
-            buffer: Vec::new(),
-            done: false,
-        }
-    }
-}
-
-fn object_row(value: Value, source: Source) -> Result<RawRow> {
-    if !value.is_object() {
-        return Err(source.error(
-            ROW_FIELD,
-            format!("expected a JSON object, found {}", kind_of(&value)),
-        ));
-    }
-    Ok(RawRow { value, source })
-}
-
-impl<R: BufRead> Iterator for JsonLines<R> {
-    type Item = Result<RawRow>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if self.done {
-                return None;
-            }
-            self.buffer.clear();
-            match self.reader.read_until(b'\n', &mut self.buffer) {
-                Ok(0) => {
-                    self.done = true;
-                    return None;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    self.done = true;
-                    return Some(Err(Error::io(&self.path, e)));
-                }
-            }
-            self.line += 1;
-            let source = Source {
-                path: self.path.clone(),
-                line: self.line,
-            };
-            let mut bytes: &[u8] = &self.buffer;
-            if self.line == 1 {
-                bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-            }
-            if bytes.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            return Some(match serde_json::from_slice::<Value>(bytes) {
-                Ok(v) => object_row(v, source),
-                Err(e) => Err(source.error(ROW_FIELD, format!("invalid JSON: {e}"))),
-            });
-        }
-    }
-}
-
 /// Rows of a stream that is JSONL, or a JSON list when its first non-blank byte is `[`.
 fn stream_rows<R: BufRead + 'static>(
     mut reader: R,
@@ -740,7 +668,7 @@ fn stream_rows<R: BufRead + 'static>(
         }
     };
     if first != Some(b'[') {
-        return Ok(Box::new(JsonLines::new(reader, path)));
+        return Ok(Box::new(JsonlRows::from_reader(reader, path)));
     }
     let mut text = Vec::new();
     reader

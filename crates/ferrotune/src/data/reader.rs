@@ -170,9 +170,11 @@ pub fn dataset_files(path: &Path, split: Option<&str>) -> Result<Vec<PathBuf>> {
     }
 }
 
-/// Rows of one `.jsonl` file, streamed line by line.
-pub struct JsonlRows {
-    reader: BufReader<File>,
+/// Rows of JSONL text, streamed line by line: a `.jsonl` file, or any reader (a zip member, a
+/// gunzipped shard) named by `path` in errors. 1-based line numbers, blank lines skipped, a
+/// UTF-8 BOM on line 1 dropped.
+pub struct JsonlRows<R = BufReader<File>> {
+    reader: R,
     path: Arc<Path>,
     line: usize,
     buffer: Vec<u8>,
@@ -182,17 +184,23 @@ pub struct JsonlRows {
 impl JsonlRows {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        Ok(JsonlRows {
-            reader: BufReader::new(file),
+        Ok(JsonlRows::from_reader(BufReader::new(file), path))
+    }
+}
+
+impl<R: BufRead> JsonlRows<R> {
+    pub fn from_reader(reader: R, path: &Path) -> Self {
+        JsonlRows {
+            reader,
             path: Arc::from(path),
             line: 0,
             buffer: Vec::new(),
             done: false,
-        })
+        }
     }
 }
 
-impl Iterator for JsonlRows {
+impl<R: BufRead> Iterator for JsonlRows<R> {
     type Item = Result<RawRow>;
 
     fn next(&mut self) -> Option<Self::Item> {
@@ -233,7 +241,8 @@ impl Iterator for JsonlRows {
     }
 }
 
-fn object_row(value: Value, source: Source) -> Result<RawRow> {
+/// A parsed JSON value as a row, or an error naming the row when it is not an object.
+pub fn object_row(value: Value, source: Source) -> Result<RawRow> {
     if !value.is_object() {
         return Err(source.error(
             ROW_FIELD,
