@@ -51,6 +51,24 @@ fn with_f32<R>(
     }
 }
 
+/// The backward of a two-input CPU kernel: `backward(a, b, grad)` on the f32 contents gives the
+/// gradients of `a` and `b`, returned as tensors of their shapes.
+fn two_input_grads(
+    a: &Tensor,
+    b: &Tensor,
+    grad: &Tensor,
+    backward: impl FnOnce(&[f32], &[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (ga, gb) = with_f32(a, |xa| {
+        with_f32(b, |xb| with_f32(&grad, |g| Ok(backward(xa, xb, g))))
+    })?;
+    Ok((
+        Some(Tensor::from_vec(ga, a.shape(), a.device())?),
+        Some(Tensor::from_vec(gb, b.shape(), b.device())?),
+    ))
+}
+
 fn parallelism() -> gemm::Parallelism {
     match candle_core::utils::get_num_threads() {
         0 | 1 => gemm::Parallelism::None,
@@ -289,15 +307,7 @@ impl CustomOp2 for HeadLogprob {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_res = grad_res.contiguous()?;
-        let (gh, gw) = with_f32(hidden, |hs| {
-            with_f32(head, |ws| {
-                with_f32(&grad_res, |g| Ok(self.backward(hs, ws, g)))
-            })
-        })?;
-        let gh = Tensor::from_vec(gh, hidden.shape(), hidden.device())?;
-        let gw = Tensor::from_vec(gw, head.shape(), head.device())?;
-        Ok((Some(gh), Some(gw)))
+        two_input_grads(hidden, head, grad_res, |h, w, g| self.backward(h, w, g))
     }
 }
 
@@ -496,16 +506,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad_res = grad_res.contiguous()?;
-        let (dx, dw) = with_f32(x, |xs| {
-            with_f32(w, |ws| {
-                with_f32(&grad_res, |g| Ok(self.backward(xs, ws, g)))
-            })
-        })?;
-        Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
-        ))
+        two_input_grads(x, w, grad_res, |xs, ws, g| self.backward(xs, ws, g))
     }
 }
 
