@@ -76,6 +76,9 @@ pub struct Args {
     test_dataset_length: Option<i64>,
     #[arg(long)]
     dataset_random_sample: bool,
+    /// Batch rows of similar length together (less padding, less mixed batches).
+    #[arg(long)]
+    group_by_length: bool,
     /// Validate every N optimizer steps.
     #[arg(long)]
     val_check_interval: Option<i64>,
@@ -189,6 +192,11 @@ impl Args {
             &mut t,
             "dataset_random_sample",
             self.dataset_random_sample.then_some(true),
+        );
+        put(
+            &mut t,
+            "group_by_length",
+            self.group_by_length.then_some(true),
         );
         put(&mut t, "val_check_interval", self.val_check_interval);
         put(

@@ -83,6 +83,10 @@ pub struct TrainConfig {
     pub train_dataset_length: Option<usize>,
     pub test_dataset_length: Option<usize>,
     pub dataset_random_sample: bool,
+    /// Batch rows of similar length together (transformers' `group_by_length`): less padding,
+    /// but each batch then holds one kind of row (in the quickstart world, one chain length),
+    /// which slows learning a lot. Off by default, as in transformers.
+    pub group_by_length: bool,
 
     /// Validate every N optimizer steps (unset: only per epoch).
     pub val_check_interval: Option<usize>,
@@ -154,6 +158,7 @@ impl Default for TrainConfig {
             train_dataset_length: None,
             test_dataset_length: None,
             dataset_random_sample: false,
+            group_by_length: false,
             val_check_interval: None,
             check_val_every_n_epoch: Some(1),
             num_sanity_val_steps: 2,

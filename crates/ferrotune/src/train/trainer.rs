@@ -166,14 +166,25 @@ fn scored_logprobs(decoder: &Decoder, p: &Padded, rows: &[&TokenizedSequence]) -
     Ok(Scored { hidden, logp, hits })
 }
 
-/// Micro-batches of one epoch: indices grouped by similar length (sorted within chunks of
-/// 50 batches, so padding stays small) and the batch order shuffled with (seed, epoch).
-fn plan_epoch(examples: &Examples, batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+/// Micro-batches of one epoch, from one shuffle of the rows with (seed, epoch). With
+/// `group_by_length`, indices are sorted by length within chunks of 50 batches (little padding)
+/// and the batch order is shuffled again; otherwise each batch is a run of the shuffled order,
+/// so every batch is a random mix of the data (transformers' default).
+fn plan_epoch(
+    examples: &Examples,
+    batch_size: usize,
+    group_by_length: bool,
+    seed: u64,
+    epoch: usize,
+) -> Vec<Vec<usize>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(
         seed ^ (0x9E37_79B9_7F4A_7C15u64.wrapping_mul(epoch as u64 + 1)),
     );
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.shuffle(&mut rng);
+    if !group_by_length {
+        return order.chunks(batch_size).map(|c| c.to_vec()).collect();
+    }
     let mut batches = Vec::new();
     for chunk in order.chunks(batch_size * 50) {
         let mut chunk = chunk.to_vec();
@@ -412,7 +423,7 @@ impl Runner<'_> {
             .config
             .eval_batch_size
             .unwrap_or(self.config.batch_size);
-        let mut batches = plan_epoch(examples, batch_size, self.config.seed, 0);
+        let mut batches = plan_epoch(examples, batch_size, true, self.config.seed, 0);
         batches.truncate(limit.unwrap_or(usize::MAX));
         let genrm = matches!(examples, Examples::Genrm { .. });
         let genrm_counts = if genrm {
@@ -1088,7 +1099,14 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
     let mut metrics = MetricsWriter::open(&run_dir, resume.as_ref().map(|_| state.step))?;
 
     let micro_per_step = config.accumulate_grad_batches;
-    let batches_per_epoch = plan_epoch(&inputs.train, config.batch_size, config.seed, 0).len();
+    let batches_per_epoch = plan_epoch(
+        &inputs.train,
+        config.batch_size,
+        config.group_by_length,
+        config.seed,
+        0,
+    )
+    .len();
     let total_steps = config
         .max_steps
         .unwrap_or((batches_per_epoch * config.max_epochs).div_ceil(micro_per_step))
@@ -1121,7 +1139,13 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
     );
     progress.set_position(state.step as u64);
 
-    let mut plan = plan_epoch(&inputs.train, config.batch_size, config.seed, state.epoch);
+    let mut plan = plan_epoch(
+        &inputs.train,
+        config.batch_size,
+        config.group_by_length,
+        config.seed,
+        state.epoch,
+    );
     let mut train_losses = Vec::new();
     let mut eval_metrics = Vec::new();
     let mut evaluated_at = None;
@@ -1134,7 +1158,13 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
             if state.batch_in_epoch >= plan.len() {
                 state.epoch += 1;
                 state.batch_in_epoch = 0;
-                plan = plan_epoch(&inputs.train, config.batch_size, config.seed, state.epoch);
+                plan = plan_epoch(
+                    &inputs.train,
+                    config.batch_size,
+                    config.group_by_length,
+                    config.seed,
+                    state.epoch,
+                );
             }
             micro_batches.push(plan[state.batch_in_epoch].clone());
             state.batch_in_epoch += 1;
@@ -1244,7 +1274,43 @@ fn run_fingerprint(config: &TrainConfig, inputs: &TrainInputs) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use super::normalized_edit_distance;
+    use super::{normalized_edit_distance, plan_epoch, Examples};
+    use crate::data::TokenizedSequence;
+
+    /// 400 rows of 4 lengths, in blocks of one length (as a file sorted by difficulty is).
+    fn rows_of_four_lengths() -> Examples {
+        Examples::Sequences(
+            (0..400)
+                .map(|i| TokenizedSequence {
+                    input_ids: vec![1; 10 + 10 * (i / 100)],
+                    targets: vec![true; 10 + 10 * (i / 100)],
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn default_batches_mix_lengths_and_grouped_batches_do_not() {
+        let rows = rows_of_four_lengths();
+        let distinct = |b: &Vec<usize>| {
+            let mut l: Vec<usize> = b.iter().map(|&i| rows.length(i)).collect();
+            l.sort();
+            l.dedup();
+            l.len()
+        };
+        let mixed = plan_epoch(&rows, 16, false, 7, 0);
+        let grouped = plan_epoch(&rows, 16, true, 7, 0);
+        for plan in [&mixed, &grouped] {
+            let mut all: Vec<usize> = plan.iter().flatten().copied().collect();
+            all.sort();
+            assert_eq!(all, (0..400).collect::<Vec<_>>(), "every row once per epoch");
+        }
+        // A random batch of 16 from 4 equal groups holds one length with odds ~4·4^-16.
+        assert!(mixed.iter().all(|b| distinct(b) >= 2));
+        // Sorted within chunks of 50 batches: at most one length change per batch.
+        assert!(grouped.iter().all(|b| distinct(b) <= 2));
+        assert_ne!(mixed, plan_epoch(&rows, 16, false, 7, 1), "reshuffled per epoch");
+    }
 
     #[test]
     fn edit_distance_by_hand() {
