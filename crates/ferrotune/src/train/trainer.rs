@@ -1303,13 +1303,21 @@ mod tests {
         for plan in [&mixed, &grouped] {
             let mut all: Vec<usize> = plan.iter().flatten().copied().collect();
             all.sort();
-            assert_eq!(all, (0..400).collect::<Vec<_>>(), "every row once per epoch");
+            assert_eq!(
+                all,
+                (0..400).collect::<Vec<_>>(),
+                "every row once per epoch"
+            );
         }
         // A random batch of 16 from 4 equal groups holds one length with odds ~4·4^-16.
         assert!(mixed.iter().all(|b| distinct(b) >= 2));
         // Sorted within chunks of 50 batches: at most one length change per batch.
         assert!(grouped.iter().all(|b| distinct(b) <= 2));
-        assert_ne!(mixed, plan_epoch(&rows, 16, false, 7, 1), "reshuffled per epoch");
+        assert_ne!(
+            mixed,
+            plan_epoch(&rows, 16, false, 7, 1),
+            "reshuffled per epoch"
+        );
     }
 
     #[test]

@@ -49,6 +49,10 @@ pub struct Args {
     profile: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The world's difficulty (`ferrotune data synth --difficulty`: easy, medium or hard)
+    /// instead of the profile's.
+    #[arg(long)]
+    difficulty: Option<String>,
     /// Print report.json on stdout.
     #[arg(long)]
     json: bool,
@@ -80,7 +84,7 @@ const STAGE_CONFIGS: [(&str, &str); 5] = [
 /// Sizes and step counts of a profile; stage hyperparameters come from the TOML configs.
 struct Profile {
     name: &'static str,
-    difficulty: &'static str,
+    difficulty: String,
     world_size: usize,
     test_problems: usize,
     /// Problems of the held-out set used for best-of-N (its verifier compute dominates).
@@ -102,7 +106,7 @@ impl Profile {
     fn new(smoke: bool, name: &str) -> anyhow::Result<Self> {
         let base = Profile {
             name: "default",
-            difficulty: "easy",
+            difficulty: "easy".into(),
             world_size: 4000,
             test_problems: 200,
             bon_problems: 64,
@@ -433,7 +437,10 @@ fn compute_curves(report: &BestOfNReport, profile: &Profile) -> Vec<(String, Vec
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let total = Instant::now();
-    let profile = Profile::new(args.smoke, &args.profile)?;
+    let mut profile = Profile::new(args.smoke, &args.profile)?;
+    if let Some(d) = &args.difficulty {
+        profile.difficulty = d.clone();
+    }
     let dir = args
         .output_dir
         .clone()
@@ -452,7 +459,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let init_dir = dir.join("models").join("init");
 
     p.timed("world", |p| {
-        let difficulty = Difficulty::preset(p.profile.difficulty)?;
+        let difficulty = Difficulty::preset(&p.profile.difficulty)?;
         let mut world = WorldConfig {
             seed: p.seed,
             difficulty,
@@ -684,7 +691,16 @@ fn write_report(
             markers: false,
         })
         .collect();
-    line_chart(&dir.join("loss_curves.png"), &series, None)?;
+    line_chart(
+        &dir.join("loss_curves.png"),
+        &plot::ChartText {
+            title: "Training loss per stage",
+            x_label: "optimizer step",
+            y_label: "loss",
+        },
+        &series,
+        None,
+    )?;
     let curves = compute_curves(bon, &p.profile);
     let compute: Vec<Series> = curves
         .iter()
@@ -696,6 +712,11 @@ fn write_report(
         .collect();
     line_chart(
         &dir.join("bon_accuracy_vs_compute.png"),
+        &plot::ChartText {
+            title: "Best-of-N accuracy vs verifier compute",
+            x_label: "verifier tokens sampled",
+            y_label: "accuracy",
+        },
         &compute,
         Some((0.0, 1.0)),
     )?;
