@@ -5,7 +5,7 @@
 # machine's driver provides the real one) from Debian's non-free `libcuda1`.
 #
 # FERROTUNE_GPU_FEATURES picks the features (default `cuda,nccl`; `cuda` alone builds a binary
-# that does not need libnccl). FERROTUNE_GPU_CARGO=check only type-checks (no binary).
+# that does not need libnccl). FERROTUNE_GPU_CARGO=check (or clippy) only checks (no binary).
 #
 # Output: target/gpu/ferrotune (stripped) and target/gpu-carry/ferrotune.xz, the copy to carry to
 # the GPU machine (`carry: ["target/gpu-carry"]`), where scripts/gpu/check.sh and
@@ -74,9 +74,9 @@ case ",$FEATURES," in
     } ;;
 esac
 
-if [ "${FERROTUNE_GPU_CARGO:-build}" = check ]; then
-  cargo check --release -p ferrotune-cli --features "$FEATURES"
-  exit 0
+if [ "${FERROTUNE_GPU_CARGO:-build}" != build ]; then
+  cargo "$FERROTUNE_GPU_CARGO" --release -p ferrotune-cli --features "$FEATURES"
+  exit $?
 fi
 cargo build --release -p ferrotune-cli --features "$FEATURES"
 cp "$CARGO_TARGET_DIR/release/ferrotune" target/gpu/ferrotune
