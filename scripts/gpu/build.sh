@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Builds `ferrotune` with `--features cuda` on a machine without a GPU (and without a system CUDA
-# toolkit): the CUDA compiler and libraries come from PyPI wheels, `libcuda.so` (only linked
-# against; the GPU machine's driver provides the real one) from Debian's non-free `libcuda1`.
+# Builds `ferrotune` with `--features cuda,nccl` on a machine without a GPU (and without a system
+# CUDA toolkit): the CUDA compiler and libraries come from PyPI wheels, NCCL from the
+# `nvidia-nccl-cu13` wheel (the one PyTorch installs), `libcuda.so` (only linked against; the GPU
+# machine's driver provides the real one) from Debian's non-free `libcuda1`.
+#
+# FERROTUNE_GPU_FEATURES picks the features (default `cuda,nccl`; `cuda` alone builds a binary
+# that does not need libnccl). FERROTUNE_GPU_CARGO=check (or clippy) only checks (no binary).
 #
 # Output: target/gpu/ferrotune (stripped) and target/gpu-carry/ferrotune.xz, the copy to carry to
-# the GPU machine (`carry: ["target/gpu-carry"]`), where scripts/gpu/check.sh unpacks and runs it.
+# the GPU machine (`carry: ["target/gpu-carry"]`), where scripts/gpu/check.sh and
+# scripts/gpu/nccl_check.sh unpack and run it. The binary links libnccl.so.2 dynamically (candle's
+# cudarc links, it does not dlopen): on the GPU machine PyTorch's nvidia/nccl/lib must be on
+# LD_LIBRARY_PATH, which both check scripts arrange.
 #
 # Pins: CUDA 13.0 to match the GPU machine's driver. nvvm is pinned because the newest one emits a
 # PTX version the 13.0 ptxas rejects.
@@ -57,8 +64,20 @@ export PATH="$CU/bin:$PATH"
 export CUDA_COMPUTE_CAP=90 CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L $CU/lib -L $ENV/libcuda -L $NCCL_LIB"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target/cuda}
-FEATURES=${FERROTUNE_GPU_FEATURES:-cuda}
+FEATURES=${FERROTUNE_GPU_FEATURES:-cuda,nccl}
+case ",$FEATURES," in
+  *,nccl,*)
+    # cudarc emits `-l nccl`; the wheel's libnccl.so.2 got its plain-name link above.
+    [ -e "$NCCL_LIB/libnccl.so" ] || {
+      echo "build.sh: no libnccl.so in $NCCL_LIB (pip install nvidia-nccl-cu13 into $ENV/venv)" >&2
+      exit 1
+    } ;;
+esac
 
+if [ "${FERROTUNE_GPU_CARGO:-build}" != build ]; then
+  cargo "$FERROTUNE_GPU_CARGO" --release -p ferrotune-cli --features "$FEATURES"
+  exit $?
+fi
 cargo build --release -p ferrotune-cli --features "$FEATURES"
 cp "$CARGO_TARGET_DIR/release/ferrotune" target/gpu/ferrotune
 strip target/gpu/ferrotune

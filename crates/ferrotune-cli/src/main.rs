@@ -127,6 +127,15 @@ fn main() {
     };
     let world = ferrotune::dist::world();
     rank_log::init(world);
+    if world.size() > 1 || world.comm().runs_alone() {
+        tracing::info!(
+            "distributed: {} backend, rank {} of {}, local rank {}",
+            world.comm().backend(),
+            world.rank(),
+            world.size(),
+            world.local_rank()
+        );
+    }
     let cli = Cli::parse();
     if world.size() > 1 && !cli.command.runs_data_parallel() {
         eprintln!(

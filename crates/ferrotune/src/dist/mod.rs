@@ -4,19 +4,24 @@
 //! "which of these batches are mine"; everything launcher- and backend-specific stays here.
 //!
 //! A process belongs to one world for its whole life. `init` (called once by the binary, before
-//! any work) joins MPI when an MPI launcher started the process (`--features mpi`); otherwise,
+//! any work) picks the backend (`dist::backend`): NCCL for a launched CUDA run of a
+//! `--features nccl` build, MPI when an MPI launcher started a `--features mpi` build; otherwise,
 //! and in library code that never calls `init` (tests), the world is this process alone, so
 //! every collective is the identity and the single-process behaviour is unchanged.
 //!
-//! Failure: an error in any rank ends the whole job (`WorldGuard::fail` calls `MPI_Abort`, and a
-//! panic does too), so no rank waits forever in a collective; a rank that dies outright is
-//! reaped by the launcher (mpirun kills the others when one exits abnormally; Slurm with
-//! `--kill-on-bad-exit`). See docs/DISTRIBUTED.md.
+//! Failure: an error in any rank ends the whole job (`WorldGuard::fail` aborts the communicator:
+//! `ncclCommAbort` and/or `MPI_Abort`, and a panic does too), so no rank waits forever in a
+//! collective; a rank that dies outright is reaped by the launcher (mpirun kills the others when
+//! one exits abnormally; Slurm with `--kill-on-bad-exit`; torchrun stops the group when a worker
+//! fails). See docs/DISTRIBUTED.md.
 
+pub mod backend;
 pub mod buckets;
 pub mod communicator;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod shard;
 pub mod world;
 
@@ -89,8 +94,9 @@ pub struct WorldGuard {
 }
 
 impl WorldGuard {
-    /// Ends the job after an error in this process: `MPI_Abort` in a multi-process world (every
-    /// rank exits, none waits in a collective for this one), else an ordinary exit.
+    /// Ends the job after an error in this process: the communicator's abort in a
+    /// multi-process world (`MPI_Abort`, or `ncclCommAbort` then exit: every rank exits, none
+    /// waits in a collective for this one), else an ordinary exit.
     pub fn fail(self, code: i32) -> ! {
         let world = world();
         if world.size() > 1 {
@@ -107,32 +113,90 @@ impl WorldGuard {
 /// Joins the world this process was launched into. Call once, first thing in `main`.
 pub fn init() -> Result<WorldGuard> {
     let env = LaunchEnv::from_env()?;
+    // The model's device decides between NCCL and MPI. Only CPU-or-GPU matters here (the GPU
+    // index needs the local rank, which MPI may only know once joined); a FERROTUNE_DEVICE
+    // that does not parse counts as the CPU and is reported where the device is opened.
+    let gpu = matches!(
+        crate::device::this_process(env.local_rank.unwrap_or(0)),
+        Ok(crate::device::Choice::Cuda(_))
+    );
+    let chosen = backend::choose(
+        &env,
+        std::env::var(backend::BACKEND_VAR).ok().as_deref(),
+        backend::Capabilities::of_this_build(gpu),
+    )?;
+
     #[cfg(feature = "mpi")]
-    if env.wants_mpi() {
+    let (universe, mpi_world) = if chosen != backend::Backend::Single && env.wants_mpi() {
         let (universe, _) = ::mpi::initialize_with_threading(::mpi::Threading::Funneled)
             .ok_or_else(|| {
                 Error::invalid("MPI was initialised twice (dist::init is called once, in main)")
             })?;
         let comm = mpi::MpiCommunicator::world();
+        // Before NCCL too: processes that MPI sees as N worlds of one would otherwise form N
+        // NCCL worlds of one and train N copies.
         env.check_size(comm.size(), "mpi")?;
-        let local_rank = env.local_rank.unwrap_or_else(|| comm.node_local_rank());
-        let size = comm.size();
-        install(World {
-            comm: Box::new(comm),
-            local_rank,
-        })?;
-        if size > 1 {
-            abort_on_panic();
+        (Some(universe), Some(comm))
+    } else {
+        (None, None)
+    };
+    #[cfg(feature = "mpi")]
+    let local_rank = env
+        .local_rank
+        .unwrap_or_else(|| mpi_world.as_ref().map_or(0, |c| c.node_local_rank()));
+    #[cfg(not(feature = "mpi"))]
+    let local_rank = env.local_rank.unwrap_or(0);
+
+    let comm: Box<dyn Communicator> = match chosen {
+        backend::Backend::Single => {
+            env.check_size(1, "single")?;
+            Box::new(SingleProcess)
         }
-        return Ok(WorldGuard {
-            _universe: Some(universe),
-        });
+        backend::Backend::Mpi => {
+            #[cfg(feature = "mpi")]
+            {
+                Box::new(mpi_world.ok_or_else(|| {
+                    Error::invalid("the MPI backend was chosen without an MPI launcher")
+                })?)
+            }
+            #[cfg(not(feature = "mpi"))]
+            return Err(Error::invalid("this binary has no MPI backend"));
+        }
+        backend::Backend::Nccl => {
+            #[cfg(feature = "nccl")]
+            {
+                let ordinal = match crate::device::this_process(local_rank)? {
+                    crate::device::Choice::Cuda(n) => n,
+                    crate::device::Choice::Cpu => {
+                        return Err(Error::invalid(
+                            "the NCCL backend needs the model on a CUDA device",
+                        ))
+                    }
+                };
+                let comm = nccl::NcclCommunicator::init(
+                    &env,
+                    ordinal,
+                    #[cfg(feature = "mpi")]
+                    mpi_world,
+                )?;
+                env.check_size(comm.size(), "nccl")?;
+                Box::new(comm)
+            }
+            #[cfg(not(feature = "nccl"))]
+            return Err(Error::invalid("this binary has no NCCL backend"));
+        }
+    };
+    let size = comm.size();
+    install(World { comm, local_rank })?;
+    #[cfg(any(feature = "mpi", feature = "nccl"))]
+    if size > 1 {
+        abort_on_panic();
     }
-    env.check_size(1, "single")?;
-    install(World::single(env.local_rank.unwrap_or(0)))?;
+    #[cfg(not(any(feature = "mpi", feature = "nccl")))]
+    let _ = size;
     Ok(WorldGuard {
         #[cfg(feature = "mpi")]
-        _universe: None,
+        _universe: universe,
     })
 }
 
@@ -143,7 +207,7 @@ fn install(world: World) -> Result<()> {
 }
 
 /// A panic in one rank aborts the job, so the other ranks do not hang in their next collective.
-#[cfg(feature = "mpi")]
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn abort_on_panic() {
     let previous = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {

@@ -30,27 +30,27 @@ pub fn my_batches(count: usize, rank: usize, size: usize) -> impl Iterator<Item 
     (rank..count).step_by(size.max(1))
 }
 
-#[cfg(feature = "mpi")]
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     bincode::serialize(value).map_err(|e| Error::invalid(format!("encoding a shard result: {e}")))
 }
 
-#[cfg(feature = "mpi")]
+#[cfg(any(feature = "mpi", feature = "nccl"))]
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     bincode::deserialize(bytes).map_err(|e| Error::invalid(format!("decoding a shard result: {e}")))
 }
 
-#[cfg(not(feature = "mpi"))]
+#[cfg(not(any(feature = "mpi", feature = "nccl")))]
 fn encode<T: Serialize>(_value: &T) -> Result<Vec<u8>> {
     Err(Error::invalid(
-        "a multi-process world needs the `mpi` feature",
+        "a multi-process world needs the `mpi` or `nccl` feature",
     ))
 }
 
-#[cfg(not(feature = "mpi"))]
+#[cfg(not(any(feature = "mpi", feature = "nccl")))]
 fn decode<T: DeserializeOwned>(_bytes: &[u8]) -> Result<T> {
     Err(Error::invalid(
-        "a multi-process world needs the `mpi` feature",
+        "a multi-process world needs the `mpi` or `nccl` feature",
     ))
 }
 

@@ -10,8 +10,9 @@
 //! - torchrun and its conventions (Kubernetes operators, Ray): `RANK`, `WORLD_SIZE`,
 //!   `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`.
 //!
-//! The CPU collectives run over MPI, so a multi-process world needs an MPI launcher (and a build
-//! with `--features mpi`). A world size the launcher announces but MPI does not see (every
+//! The CPU collectives run over MPI, so a multi-process CPU world needs an MPI launcher (and a
+//! build with `--features mpi`); the GPU collectives (`--features nccl`) also form a world from
+//! the torchrun variables alone (`dist::backend`). A world size the launcher announces but MPI does not see (every
 //! process rank 0 of 1: a binary linked against another MPI than the launcher's, or `srun`
 //! without `--mpi=pmix`) is an error, never N independent runs writing the same files.
 
@@ -24,6 +25,11 @@ pub struct LaunchEnv {
     pub expected_size: Option<(usize, &'static str)>,
     /// The rank on this node the launcher announces.
     pub local_rank: Option<usize>,
+    /// The global rank the launcher announces (`RANK`, `OMPI_COMM_WORLD_RANK`, `PMI_RANK`,
+    /// `SLURM_PROCID`): what NCCL needs when no MPI tells it.
+    pub rank: Option<usize>,
+    /// `MASTER_ADDR` and `MASTER_PORT` (torchrun conventions), when both are set.
+    pub master: Option<(String, u16)>,
     /// An MPI launcher (mpirun, hydra, srun with PMI/PMIx) started this process.
     pub mpi_launcher: bool,
 }
@@ -86,9 +92,30 @@ impl LaunchEnv {
                 break;
             }
         }
+        let mut rank = None;
+        for name in ["RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"] {
+            if let Some(n) = number(name)? {
+                rank = Some(n);
+                break;
+            }
+        }
+        if rank.is_none() && get("SLURM_STEP_ID").is_some() {
+            rank = number("SLURM_PROCID")?;
+        }
+        let master = match (get("MASTER_ADDR"), get("MASTER_PORT")) {
+            (Some(addr), Some(port)) if !addr.trim().is_empty() && !port.trim().is_empty() => {
+                let port = port.trim().parse::<u16>().map_err(|_| {
+                    Error::invalid(format!("MASTER_PORT={port} is not a port number"))
+                })?;
+                Some((addr.trim().to_string(), port))
+            }
+            _ => None,
+        };
         Ok(LaunchEnv {
             expected_size,
             local_rank,
+            rank,
+            master,
             mpi_launcher: MPI_LAUNCHER_VARS.iter().any(|k| get(k).is_some()),
         })
     }
@@ -170,10 +197,26 @@ mod tests {
         assert_eq!(srun.local_rank, Some(1));
         assert!(srun.wants_mpi());
 
+        assert_eq!(srun.rank, Some(3));
+        assert_eq!(mpirun.rank, Some(1));
+
         let torchrun = env(&[("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")]);
+        assert_eq!(torchrun.rank, Some(0));
+        assert_eq!(torchrun.master, None);
         assert!(!torchrun.wants_mpi());
         assert!(torchrun.check_size(1, "single").is_ok());
         assert!(LaunchEnv::from_lookup(|k| (k == "WORLD_SIZE").then(|| "x".into())).is_err());
+
+        let master = env(&[("MASTER_ADDR", "node1"), ("MASTER_PORT", "29500")]);
+        assert_eq!(master.master, Some(("node1".to_string(), 29500)));
+        // One of the two alone is no address; a port that is not one is an error.
+        assert_eq!(env(&[("MASTER_ADDR", "node1")]).master, None);
+        assert!(LaunchEnv::from_lookup(|k| match k {
+            "MASTER_ADDR" => Some("h".into()),
+            "MASTER_PORT" => Some("70000".into()),
+            _ => None,
+        })
+        .is_err());
     }
 
     #[test]

@@ -834,11 +834,18 @@ impl<'a> StepEngine<'a> {
             tokens += r.real_tokens;
         }
         drop(decoder);
-        let started = Instant::now();
-        if world.size() > 1 {
+        let mut allreduce_seconds = 0.0;
+        // NCCL reduces even in a world of one (Communicator::runs_alone), so a one-GPU run under
+        // the launcher variables times the same path as N GPUs.
+        if world.size() > 1 || world.comm().runs_alone() {
+            // On a GPU the backward pass may still be queued: wait for it, so the time below is
+            // the collective's alone; the reduction itself ends in a wait for the same reason.
+            self.runner.device.synchronize()?;
+            let started = Instant::now();
             self.all_reduce(&mut grads, &mut loss_value, &mut tokens, &mut metric_sums)?;
+            self.runner.device.synchronize()?;
+            allreduce_seconds = started.elapsed().as_secs_f64();
         }
-        let allreduce_seconds = started.elapsed().as_secs_f64();
         let grad_norm = global_grad_norm(&grads)?;
         if !loss_value.is_finite() || !grad_norm.is_finite() {
             return Err(Error::invalid(format!(
