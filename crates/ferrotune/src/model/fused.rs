@@ -25,12 +25,15 @@ use crate::error::{Error, Result};
 /// enough that the head matmuls stay efficient, small enough to never matter for memory.
 const CHUNK_ELEMENTS: usize = 16 << 20;
 
-fn cpu_error(message: impl Into<String>) -> candle_core::Error {
+pub(super) fn cpu_error(message: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(message.into())
 }
 
 /// The f32 contents of a contiguous CPU storage, honouring the layout's start offset.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
     if !layout.is_contiguous() {
         return Err(cpu_error("fused kernel input is not contiguous"));
     }
@@ -53,7 +56,7 @@ fn with_f32<R>(
 
 /// The backward of a two-input CPU kernel: `backward(a, b, grad)` on the f32 contents gives the
 /// gradients of `a` and `b`, returned as tensors of their shapes.
-fn two_input_grads(
+pub(super) fn two_input_grads(
     a: &Tensor,
     b: &Tensor,
     grad: &Tensor,

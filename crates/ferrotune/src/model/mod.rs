@@ -2,6 +2,7 @@
 //! differentiable ops and random initialisation.
 
 pub mod bf16_gemm;
+pub mod bf16_linear;
 pub mod config;
 pub mod decoder;
 pub mod fused;
