@@ -246,7 +246,7 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     let device = super::device()?;
     let dtype = parse_dtype(&a.precision)?;
-    let model = ferrotune::io::load_model(&a.model, dtype, &device)?;
+    let model = ferrotune::io::load_model_for(&a.model, dtype, &device)?;
     let decoder = &model.decoder;
     let vocab = decoder.config().vocab_size;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);

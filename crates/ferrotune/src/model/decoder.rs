@@ -14,6 +14,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::bf16_linear;
 use super::config::{Head, ModelConfig};
 use super::fused;
 use super::kv_cache::KvCache;
@@ -64,10 +65,9 @@ pub struct Decoder {
     /// The output projection: `lm_head.weight`, the embedding when tied, or `score.weight`.
     head: Tensor,
     rope: Rope,
-}
-
-fn linear(x: &Tensor, p: &(Tensor, Option<Tensor>)) -> Result<Tensor> {
-    ops::linear(x, &p.0, p.1.as_ref())
+    /// The layers' linear products in bf16 with f32 accumulation (CPU autocast, see
+    /// [`Decoder::with_bf16_linears`]).
+    bf16_linears: bool,
 }
 
 impl Decoder {
@@ -154,7 +154,40 @@ impl Decoder {
             head,
             params,
             config,
+            bf16_linears: false,
         })
+    }
+
+    /// Autocast to bf16 on the CPU: the weights and activations stay f32, and every linear
+    /// layer of the decoder blocks (q, k, v, o, gate, up, down) and the fused LM head of
+    /// training compute their products in bf16 with f32 accumulation
+    /// ([`super::bf16_linear::linear_bf16`]). Elsewhere (attention scores, norms, softmax) the
+    /// computation is unchanged f32.
+    pub fn with_bf16_linears(mut self, on: bool) -> Self {
+        self.bf16_linears = on;
+        self
+    }
+
+    /// Whether the linear layers compute in bf16 (see [`Decoder::with_bf16_linears`]).
+    pub fn bf16_linears(&self) -> bool {
+        self.bf16_linears
+    }
+
+    /// The output projection of hidden states, in bf16 too under autocast.
+    fn head_linear(&self, hidden: &Tensor) -> Result<Tensor> {
+        if self.bf16_linears {
+            bf16_linear::linear_bf16(hidden, &self.head, None)
+        } else {
+            ops::linear(hidden, &self.head, None)
+        }
+    }
+
+    fn linear(&self, x: &Tensor, p: &(Tensor, Option<Tensor>)) -> Result<Tensor> {
+        if self.bf16_linears {
+            bf16_linear::linear_bf16(x, &p.0, p.1.as_ref())
+        } else {
+            ops::linear(x, &p.0, p.1.as_ref())
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -239,7 +272,7 @@ impl Decoder {
             let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
             let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
             let attn = self.attend(&q, &k, &v, &mask, false)?;
-            x = (x + linear(&attn, &layer.attention.o)?)?;
+            x = (x + self.linear(&attn, &layer.attention.o)?)?;
             let normed = fused::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
             x = (x + self.mlp(&layer.mlp, &normed)?)?;
         }
@@ -249,7 +282,7 @@ impl Decoder {
     /// Logits for a whole sequence, [B, T, V] (or [B, T, num_labels] for a classifier).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        ops::linear(&hidden, &self.head, None)
+        self.head_linear(&hidden)
     }
 
     /// The head's outputs at the last token of each sequence (next-token logits for a causal LM,
@@ -284,7 +317,7 @@ impl Decoder {
             let hidden = self.forward_hidden(&input, Some(&mask))?;
             let lengths: Vec<usize> = chunk.iter().map(|s| s.len()).collect();
             let last = gather_last_token(&hidden, &lengths)?;
-            let outputs = ops::linear(&last, &self.head, None)?;
+            let outputs = self.head_linear(&last)?;
             out.extend(outputs.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         }
         Ok(out)
@@ -339,7 +372,7 @@ impl Decoder {
             let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
             let (k_all, v_all) = cache.append(i, &k, &v, past)?;
             let attn = self.attend(&q, &k_all, &v_all, &mask, true)?;
-            x = (x + linear(&attn, &layer.attention.o)?)?;
+            x = (x + self.linear(&attn, &layer.attention.o)?)?;
             let normed =
                 ops::fast::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
             x = (x + self.mlp(&layer.mlp, &normed)?)?;
@@ -350,7 +383,7 @@ impl Decoder {
             LogitsAt::All => x,
         };
         let hidden = ops::fast::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        let logits = ops::linear(&hidden, &self.head, None)?;
+        let logits = self.head_linear(&hidden)?;
         Ok(match logits_at {
             LogitsAt::Last => logits.squeeze(1)?,
             LogitsAt::All => logits,
@@ -368,7 +401,8 @@ impl Decoder {
         let (b, t, _) = x.dims3()?;
         let c = &self.config;
         let heads = |p: &(Tensor, Option<Tensor>), n: usize| -> Result<Tensor> {
-            Ok(linear(x, p)?
+            Ok(self
+                .linear(x, p)?
                 .reshape((b, t, n, c.head_dim))?
                 .transpose(1, 2)?)
         };
@@ -412,9 +446,9 @@ impl Decoder {
     }
 
     fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate = linear(x, &m.gate)?.silu()?;
-        let up = linear(x, &m.up)?;
-        linear(&(gate * up)?, &m.down)
+        let gate = self.linear(x, &m.gate)?.silu()?;
+        let up = self.linear(x, &m.up)?;
+        self.linear(&(gate * up)?, &m.down)
     }
 }
 

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, Operand};
 use super::ops;
 use crate::error::{Error, Result};
 
@@ -72,71 +73,21 @@ pub(super) fn two_input_grads(
     ))
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// Row-major matrix views for [`gemm`]: `rows × cols` with the given strides.
-#[derive(Clone, Copy)]
-struct View {
-    col_stride: isize,
-    row_stride: isize,
-}
-
-const fn row_major(cols: usize) -> View {
-    View {
-        col_stride: 1,
-        row_stride: cols as isize,
-    }
-}
-
-/// The transpose of a row-major `[rows, cols]` matrix, seen as `[cols, rows]`.
-const fn transposed(cols: usize) -> View {
-    View {
-        col_stride: cols as isize,
-        row_stride: 1,
-    }
-}
-
-/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`.
-#[allow(clippy::too_many_arguments)]
+/// `dst[m×n] = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, in f32 or, with `bf16`, in bf16 with
+/// f32 accumulation (autocast).
 fn gemm(
-    (m, n, k): (usize, usize, usize),
+    bf16: bool,
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
-    lhs: &[f32],
-    lhs_view: View,
-    rhs: &[f32],
-    rhs_view: View,
+    a: Operand,
+    b: Operand,
 ) {
-    assert!(dst.len() >= m * n, "gemm destination too small");
-    // SAFETY: the views address only elements inside `lhs` (m×k), `rhs` (k×n) and `dst` (m×n,
-    // row-major), whose lengths the callers size from the same dimensions.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_view.col_stride,
-            lhs_view.row_stride,
-            rhs.as_ptr(),
-            rhs_view.col_stride,
-            rhs_view.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
+    let threads = candle_core::utils::get_num_threads();
+    if bf16 {
+        bf16_gemm::matmul(dims, a, b, dst, accumulate, threads)
+    } else {
+        bf16_gemm::matmul_f32(dims, a, b, dst, accumulate, threads)
     }
 }
 
@@ -163,6 +114,8 @@ struct HeadLogprob {
     vocab: usize,
     /// Elements of logits per chunk ([`CHUNK_ELEMENTS`]; smaller in tests).
     chunk_elements: usize,
+    /// The head products in bf16 with f32 accumulation (autocast).
+    bf16: bool,
     /// Per pick: the argmax of the logits equals the target (filled by the forward pass).
     hits: Arc<Mutex<Vec<bool>>>,
 }
@@ -192,14 +145,17 @@ impl HeadLogprob {
         buf: &mut [f32],
     ) {
         let (h, v) = (self.hidden_size, self.vocab);
+        // Both the hidden rows and the head [V, H] have the hidden size as their inner depth.
         gemm(
+            self.bf16,
             (rows, v, h),
             buf,
             false,
-            &packed[start * h..(start + rows) * h],
-            row_major(h),
-            head,
-            transposed(h),
+            Operand::DepthInner {
+                data: &packed[start * h..(start + rows) * h],
+                ld: h,
+            },
+            Operand::DepthInner { data: head, ld: h },
         );
     }
 
@@ -259,22 +215,29 @@ impl HeadLogprob {
                 });
             // d hidden = G · head; d head += Gᵀ · hidden.
             gemm(
+                self.bf16,
                 (rows, h, v),
                 &mut grad_packed[start * h..(start + rows) * h],
                 false,
-                &buf[..rows * v],
-                row_major(v),
-                head,
-                row_major(h),
+                Operand::DepthInner {
+                    data: &buf[..rows * v],
+                    ld: v,
+                },
+                Operand::DepthOuter { data: head, ld: h },
             );
             gemm(
+                self.bf16,
                 (v, h, rows),
                 &mut grad_head,
                 true,
-                &buf[..rows * v],
-                transposed(v),
-                &packed[start * h..(start + rows) * h],
-                row_major(h),
+                Operand::DepthOuter {
+                    data: &buf[..rows * v],
+                    ld: v,
+                },
+                Operand::DepthOuter {
+                    data: &packed[start * h..(start + rows) * h],
+                    ld: h,
+                },
             );
         }
         let mut grad_hidden = vec![0f32; hidden.len()];
@@ -321,14 +284,16 @@ impl CustomOp2 for HeadLogprob {
 /// `logp[b][i] = log p(input_ids[b][i] | input_ids[b][<i])` where `scored[b][i]` (i ≥ 1) and 0
 /// elsewhere — `token_logprobs(linear(hidden, head)) * scored` of `objectives` — and `hits`,
 /// how many scored tokens are the argmax of their distribution (token accuracy). Gradients
-/// reach `hidden` and `head`.
+/// reach `hidden` and `head`. With `bf16`, the head's products (forward and backward) round
+/// their inputs to bf16 and accumulate in f32 ([`bf16_gemm`]); the softmax stays f32.
 pub fn head_logprobs(
     hidden: &Tensor,
     head: &Tensor,
     input_ids: &[Vec<u32>],
     scored: &[Vec<bool>],
+    bf16: bool,
 ) -> Result<(Tensor, usize)> {
-    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS)
+    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS, bf16)
 }
 
 fn head_logprobs_chunked(
@@ -337,6 +302,7 @@ fn head_logprobs_chunked(
     input_ids: &[Vec<u32>],
     scored: &[Vec<bool>],
     chunk_elements: usize,
+    bf16: bool,
 ) -> Result<(Tensor, usize)> {
     let (b, t, h) = hidden.dims3()?;
     let (v, h2) = head.dims2()?;
@@ -377,6 +343,7 @@ fn head_logprobs_chunked(
         hidden_size: h,
         vocab: v,
         chunk_elements,
+        bf16,
         hits: hits.clone(),
     };
     let hidden2 = hidden
@@ -574,7 +541,7 @@ mod tests {
             vec![false; t],
         ];
         let (fused, fused_hits) =
-            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored).unwrap();
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored, false).unwrap();
         let (reference, ref_hits) =
             head_logprobs_composed(hidden.as_tensor(), head.as_tensor(), &ids, &scored).unwrap();
         assert!(max_abs_diff(&fused, &reference) < 1e-5);
@@ -595,6 +562,50 @@ mod tests {
         }
     }
 
+    /// With bf16 products the forward equals the composed f32 reference on bf16-rounded hidden
+    /// states and head (up to accumulation order); the gradients, whose products also round
+    /// the softmax gradient, agree to bf16 precision.
+    #[test]
+    fn head_logprobs_in_bf16_match_composed_on_rounded_inputs() {
+        use super::bf16_gemm::round_bf16;
+        let rounded = |t: &Tensor| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f32> = v.into_iter().map(round_bf16).collect();
+            Var::from_tensor(&Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()).unwrap()
+        };
+        let (b, t, h, v) = (2, 9, 24, 70);
+        let hidden = Var::from_tensor(&random(&[b, t, h], 21, 1.0)).unwrap();
+        let head = Var::from_tensor(&random(&[v, h], 22, 0.5)).unwrap();
+        let (hidden_r, head_r) = (rounded(hidden.as_tensor()), rounded(head.as_tensor()));
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 29 + i * 11) % v) as u32).collect())
+            .collect();
+        let scored: Vec<Vec<bool>> = vec![(0..t).map(|i| i >= 3).collect(), vec![true; t]];
+        let (ours, _) =
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored, true).unwrap();
+        let (reference, _) =
+            head_logprobs_composed(hidden_r.as_tensor(), head_r.as_tensor(), &ids, &scored)
+                .unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-5);
+        let (plain, _) =
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored, false).unwrap();
+        assert!(
+            max_abs_diff(&ours, &plain) > 1e-5,
+            "bf16 rounding is visible"
+        );
+        let go = weighted_sum(&ours, 23).backward().unwrap();
+        let gr = weighted_sum(&reference, 23).backward().unwrap();
+        for (var, var_r) in [(&hidden, &hidden_r), (&head, &head_r)] {
+            let a = go.get(var.as_tensor()).unwrap();
+            let r = gr.get(var_r.as_tensor()).unwrap();
+            let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0);
+            let d = max_abs_diff(a, r);
+            assert!(d < 2e-2 * scale, "{d} vs scale {scale}");
+        }
+    }
+
     #[test]
     fn head_logprobs_chunking_does_not_change_results() {
         // Chunks of 2 rows (and a last, shorter one) against one chunk of everything.
@@ -612,6 +623,7 @@ mod tests {
                 &ids,
                 &scored,
                 chunk_elements,
+                false,
             )
             .unwrap();
             let grads = weighted_sum(&logp, 11).backward().unwrap();
