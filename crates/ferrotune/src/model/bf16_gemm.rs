@@ -71,13 +71,6 @@ impl Operand<'_> {
             data.len()
         );
     }
-
-    fn get(&self, index: usize, depth: usize) -> f32 {
-        match *self {
-            Operand::DepthInner { data, ld } => data[index * ld + depth],
-            Operand::DepthOuter { data, ld } => data[depth * ld + index],
-        }
-    }
 }
 
 /// Which implementation runs (tests force each one).
@@ -129,8 +122,60 @@ fn matmul_on(
     accumulate: bool,
     threads: usize,
 ) {
+    let packed = PackedB::new_on(path, b, (n, k), threads);
+    matmul_packed(m, a, &packed, c, accumulate, threads);
+}
+
+/// B of `C = A · B` packed once for several products (the LM head across the chunks of one
+/// pass): bf16 panels on the native path, rounded f32 values on the fallback.
+pub struct PackedB {
+    n: usize,
+    k: usize,
+    data: PackedData,
+}
+
+enum PackedData {
+    #[cfg(target_arch = "x86_64")]
+    Native(Aligned),
+    Rounded {
+        values: Vec<f32>,
+        inner: bool,
+        ld: usize,
+    },
+}
+
+impl PackedB {
+    /// Packs the `n × k` operand `b` (as in [`matmul`]) with `threads` workers.
+    pub fn new(b: Operand, (n, k): (usize, usize), threads: usize) -> Self {
+        Self::new_on(detected_path(), b, (n, k), threads)
+    }
+
+    fn new_on(path: Path, b: Operand, (n, k): (usize, usize), threads: usize) -> Self {
+        b.check(n, k, "B");
+        let data = match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => PackedData::Native(avx512::pack_b(b, n, k, threads)),
+            _ => {
+                let (values, inner, ld) = rounded(b);
+                PackedData::Rounded { values, inner, ld }
+            }
+        };
+        PackedB { n, k, data }
+    }
+}
+
+/// `c[m×n] = (accumulate ? c : 0) + bf16(a)[m×k] · b`, with `b` packed by [`PackedB::new`]
+/// (`n` and `k` are its dimensions).
+pub fn matmul_packed(
+    m: usize,
+    a: Operand,
+    b: &PackedB,
+    c: &mut [f32],
+    accumulate: bool,
+    threads: usize,
+) {
+    let (n, k) = (b.n, b.k);
     a.check(m, k, "A");
-    b.check(n, k, "B");
     assert!(c.len() >= m * n, "bf16 gemm: destination too small");
     let c = &mut c[..m * n];
     if m == 0 || n == 0 {
@@ -142,17 +187,27 @@ fn matmul_on(
         }
         return;
     }
-    match path {
+    match &b.data {
         #[cfg(target_arch = "x86_64")]
-        Path::Avx512 => {
-            assert!(
-                native_bf16(),
-                "bf16 gemm: AVX-512 BF16 path on a CPU without it"
-            );
-            // SAFETY: the CPU has the features (checked above); operand extents are checked.
-            unsafe { avx512::matmul((m, n, k), a, b, c, accumulate, threads) }
+        PackedData::Native(panels) => {
+            // SAFETY: native panels exist only on a CPU with the features (pack_b checks),
+            // packed for this n and k; A's extent is checked above.
+            unsafe { avx512::matmul_packed((m, n, k), a, panels, c, accumulate, threads) }
         }
-        _ => fallback((m, n, k), a, b, c, accumulate, threads),
+        PackedData::Rounded { values, inner, ld } => {
+            let (a, a_inner, lda) = rounded(a);
+            let a = as_operand(&a, a_inner, lda);
+            let b = as_operand(values, *inner, *ld);
+            matmul_f32((m, n, k), a, b, c, accumulate, threads);
+        }
+    }
+}
+
+fn as_operand(data: &[f32], inner: bool, ld: usize) -> Operand<'_> {
+    if inner {
+        Operand::DepthInner { data, ld }
+    } else {
+        Operand::DepthOuter { data, ld }
     }
 }
 
@@ -170,29 +225,6 @@ fn rounded(op: Operand) -> (Vec<f32>, bool, usize) {
             (data.iter().map(|&x| round_bf16(x)).collect(), false, ld)
         }
     }
-}
-
-fn fallback(
-    (m, n, k): (usize, usize, usize),
-    a: Operand,
-    b: Operand,
-    c: &mut [f32],
-    accumulate: bool,
-    threads: usize,
-) {
-    let (a, a_inner, lda) = rounded(a);
-    let (b, b_inner, ldb) = rounded(b);
-    let a = if a_inner {
-        Operand::DepthInner { data: &a, ld: lda }
-    } else {
-        Operand::DepthOuter { data: &a, ld: lda }
-    };
-    let b = if b_inner {
-        Operand::DepthInner { data: &b, ld: ldb }
-    } else {
-        Operand::DepthOuter { data: &b, ld: ldb }
-    };
-    matmul_f32((m, n, k), a, b, c, accumulate, threads);
 }
 
 /// The same product in plain f32 through the `gemm` crate (no rounding): the fallback's
@@ -434,9 +466,11 @@ mod avx512 {
         }
     }
 
-    /// One `MR × NR` tile over `pairs` depth pairs: `c (+)= a_panel · b_panel`.
+    /// One `R × NR` tile (R ≤ MR rows of an A panel) over `pairs` depth pairs:
+    /// `c (+)= a_panel · b_panel`. Generic in R so that a short last panel (and decode's single
+    /// row) runs only the rows it has.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    unsafe fn kernel(
+    unsafe fn kernel<const R: usize>(
         pairs: usize,
         a: *const u32,
         b: *const u32,
@@ -444,7 +478,7 @@ mod avx512 {
         ldc: usize,
         load: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
         if load {
             for (r, row) in acc.iter_mut().enumerate() {
                 row[0] = _mm512_loadu_ps(c.add(r * ldc));
@@ -467,8 +501,36 @@ mod avx512 {
         }
     }
 
-    /// A tile that may hit the edge of C: full tiles run in place, edge tiles through a
-    /// scratch tile so the kernel never reads or writes outside C.
+    /// [`kernel`] for `rows` rows.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn kernel_rows(
+        rows: usize,
+        pairs: usize,
+        a: *const u32,
+        b: *const u32,
+        c: *mut f32,
+        ldc: usize,
+        load: bool,
+    ) {
+        match rows {
+            1 => kernel::<1>(pairs, a, b, c, ldc, load),
+            2 => kernel::<2>(pairs, a, b, c, ldc, load),
+            3 => kernel::<3>(pairs, a, b, c, ldc, load),
+            4 => kernel::<4>(pairs, a, b, c, ldc, load),
+            5 => kernel::<5>(pairs, a, b, c, ldc, load),
+            6 => kernel::<6>(pairs, a, b, c, ldc, load),
+            7 => kernel::<7>(pairs, a, b, c, ldc, load),
+            8 => kernel::<8>(pairs, a, b, c, ldc, load),
+            9 => kernel::<9>(pairs, a, b, c, ldc, load),
+            10 => kernel::<10>(pairs, a, b, c, ldc, load),
+            11 => kernel::<11>(pairs, a, b, c, ldc, load),
+            _ => kernel::<MR>(pairs, a, b, c, ldc, load),
+        }
+    }
+
+    /// A tile that may hit the edge of C: full-width tiles run in place (with only the rows
+    /// they have), a narrow last column panel through a scratch tile, so the kernel never
+    /// reads or writes outside C.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16")]
     unsafe fn tile(
@@ -481,8 +543,8 @@ mod avx512 {
         cols: usize,
         load: bool,
     ) {
-        if rows == MR && cols == NR {
-            kernel(pairs, a, b, c, ldc, load);
+        if cols == NR {
+            kernel_rows(rows, pairs, a, b, c, ldc, load);
             return;
         }
         let mut scratch = [0f32; MR * NR];
@@ -495,24 +557,33 @@ mod avx512 {
                 );
             }
         }
-        kernel(pairs, a, b, scratch.as_mut_ptr(), NR, load);
+        kernel_rows(rows, pairs, a, b, scratch.as_mut_ptr(), NR, load);
         for r in 0..rows {
             std::ptr::copy_nonoverlapping(scratch.as_ptr().add(r * NR), c.add(r * ldc), cols);
         }
     }
 
+    /// B packed into `NR`-wide panels, for [`matmul_packed`].
+    pub(super) fn pack_b(b: Operand, n: usize, k: usize, threads: usize) -> Aligned {
+        assert!(
+            native_bf16(),
+            "bf16 gemm: AVX-512 BF16 path on a CPU without it"
+        );
+        // SAFETY: the CPU has the features (checked above); the caller checked the extents.
+        unsafe { pack(b, n, k, NR, threads) }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-    pub(super) unsafe fn matmul(
+    pub(super) unsafe fn matmul_packed(
         (m, n, k): (usize, usize, usize),
         a: Operand,
-        b: Operand,
+        b_packed: &Aligned,
         c: &mut [f32],
         accumulate: bool,
         threads: usize,
     ) {
         let pairs = k.div_ceil(2);
         let a_packed = pack(a, m, k, MR, threads);
-        let b_packed = pack(b, n, k, NR, threads);
         let (m_panels, n_panels) = (m.div_ceil(MR), n.div_ceil(NR));
         // Blocks of C: as large as keeps A's block in L2, cut smaller until every worker has
         // a few to take (decode has one row of panels).
@@ -619,7 +690,7 @@ mod tests {
                     };
                     let (mut exact, mut plain, mut magnitude) = (base, base, base.abs());
                     for d in 0..k {
-                        let (x, y) = (a.get(i, d), b.get(j, d));
+                        let (x, y) = (get(&a, i, d), get(&b, j, d));
                         exact += round_bf16(x) as f64 * round_bf16(y) as f64;
                         plain += x as f64 * y as f64;
                         magnitude += (x as f64 * y as f64).abs();
@@ -637,6 +708,13 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    fn get(op: &Operand, index: usize, depth: usize) -> f32 {
+        match *op {
+            Operand::DepthInner { data, ld } => data[index * ld + depth],
+            Operand::DepthOuter { data, ld } => data[depth * ld + index],
         }
     }
 
@@ -663,6 +741,33 @@ mod tests {
                 for inners in [(true, true), (true, false), (false, true), (false, false)] {
                     check(path, shape, inners, 10 * s as u64);
                 }
+            }
+        }
+    }
+
+    /// One packed B serves several products with different A (and row counts from 1 up,
+    /// which run the row-generic kernel), with the same results as packing each time.
+    #[test]
+    fn packed_b_serves_several_products() {
+        let (n, k) = (45, 33);
+        let b_vals = random(n * k, 40);
+        for path in paths() {
+            let b = Operand::DepthOuter {
+                data: &b_vals,
+                ld: n,
+            };
+            let packed = PackedB::new_on(path, b, (n, k), 2);
+            for (s, m) in [1usize, 5, 12, 14].into_iter().enumerate() {
+                let a_vals = random(m * k, 41 + s as u64);
+                let a = Operand::DepthInner {
+                    data: &a_vals,
+                    ld: k,
+                };
+                let (mut once, mut each) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_packed(m, a, &packed, &mut once, false, 2);
+                matmul_on(path, (m, n, k), a, b, &mut each, false, 1);
+                assert_eq!(once, each, "{path:?} m={m}");
+                check(path, (m, n, k), (true, false), 50 + s as u64);
             }
         }
     }
