@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
-use super::bf16_gemm::{self, Operand};
+use super::bf16_gemm::{self, Operand, PackedB};
 use super::ops;
 use crate::error::{Error, Result};
 
@@ -91,6 +91,39 @@ fn gemm(
     }
 }
 
+/// The head as the B operand of one product, used by every chunk of a pass: plain f32, or (bf16)
+/// packed once per pass rather than once per chunk (152k × 896 at Qwen2.5-0.5B).
+struct HeadB<'a> {
+    plain: Operand<'a>,
+    n: usize,
+    k: usize,
+    packed: Option<PackedB>,
+}
+
+impl<'a> HeadB<'a> {
+    fn new(bf16: bool, plain: Operand<'a>, (n, k): (usize, usize)) -> Self {
+        let threads = candle_core::utils::get_num_threads();
+        let packed = bf16.then(|| PackedB::new(plain, (n, k), threads));
+        HeadB {
+            plain,
+            n,
+            k,
+            packed,
+        }
+    }
+
+    /// `dst[m×n] = a[m×k] · head`.
+    fn product(&self, m: usize, a: Operand, dst: &mut [f32]) {
+        match &self.packed {
+            Some(b) => {
+                let threads = candle_core::utils::get_num_threads();
+                bf16_gemm::matmul_packed(m, a, b, dst, false, threads)
+            }
+            None => gemm(false, (m, self.n, self.k), dst, false, a, self.plain),
+        }
+    }
+}
+
 /// Max and `Σ exp(x − max)` of one row.
 fn row_stats(row: &[f32]) -> (f32, f32) {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -135,40 +168,46 @@ impl HeadLogprob {
         packed
     }
 
-    /// Logits of picks `start..start+rows` into `buf`.
+    /// Logits of picks `start..start+rows` into `buf` (`head` as [`HeadLogprob::logits_head`]).
     fn chunk_logits(
         &self,
         packed: &[f32],
-        head: &[f32],
+        head: &HeadB,
         start: usize,
         rows: usize,
         buf: &mut [f32],
     ) {
-        let (h, v) = (self.hidden_size, self.vocab);
-        // Both the hidden rows and the head [V, H] have the hidden size as their inner depth.
-        gemm(
-            self.bf16,
-            (rows, v, h),
-            buf,
-            false,
+        let h = self.hidden_size;
+        head.product(
+            rows,
             Operand::DepthInner {
                 data: &packed[start * h..(start + rows) * h],
                 ld: h,
             },
-            Operand::DepthInner { data: head, ld: h },
+            buf,
         );
+    }
+
+    /// The head [V, H] as B of the logits product: the hidden size is the depth of both.
+    fn logits_head<'a>(&self, head: &'a [f32]) -> HeadB<'a> {
+        let b = Operand::DepthInner {
+            data: head,
+            ld: self.hidden_size,
+        };
+        HeadB::new(self.bf16, b, (self.vocab, self.hidden_size))
     }
 
     fn forward(&self, hidden: &[f32], head: &[f32]) -> Vec<f32> {
         let v = self.vocab;
         let packed = self.gather_rows(hidden);
+        let head = self.logits_head(head);
         let mut out = vec![0f32; self.out_len];
         let mut hits = vec![false; self.picks.len()];
         let chunk = self.chunk_rows();
         let mut buf = vec![0f32; chunk.min(self.picks.len()) * v];
         for start in (0..self.picks.len()).step_by(chunk) {
             let rows = chunk.min(self.picks.len() - start);
-            self.chunk_logits(&packed, head, start, rows, &mut buf);
+            self.chunk_logits(&packed, &head, start, rows, &mut buf);
             let picks = &self.picks[start..start + rows];
             let results: Vec<(f32, bool)> = buf[..rows * v]
                 .par_chunks(v)
@@ -194,12 +233,15 @@ impl HeadLogprob {
         let (h, v) = (self.hidden_size, self.vocab);
         let packed = self.gather_rows(hidden);
         let mut grad_packed = vec![0f32; packed.len()];
+        let logits_head = self.logits_head(head);
+        // d hidden = G · head: the head's rows (vocab) are the depth.
+        let grad_head_b = HeadB::new(self.bf16, Operand::DepthOuter { data: head, ld: h }, (h, v));
         let mut grad_head = vec![0f32; v * h];
         let chunk = self.chunk_rows();
         let mut buf = vec![0f32; chunk.min(self.picks.len()) * v];
         for start in (0..self.picks.len()).step_by(chunk) {
             let rows = chunk.min(self.picks.len() - start);
-            self.chunk_logits(&packed, head, start, rows, &mut buf);
+            self.chunk_logits(&packed, &logits_head, start, rows, &mut buf);
             let picks = &self.picks[start..start + rows];
             buf[..rows * v]
                 .par_chunks_mut(v)
@@ -214,16 +256,13 @@ impl HeadLogprob {
                     row[p.target as usize] += g;
                 });
             // d hidden = G · head; d head += Gᵀ · hidden.
-            gemm(
-                self.bf16,
-                (rows, h, v),
-                &mut grad_packed[start * h..(start + rows) * h],
-                false,
+            grad_head_b.product(
+                rows,
                 Operand::DepthInner {
                     data: &buf[..rows * v],
                     ld: v,
                 },
-                Operand::DepthOuter { data: head, ld: h },
+                &mut grad_packed[start * h..(start + rows) * h],
             );
             gemm(
                 self.bf16,
@@ -608,7 +647,8 @@ mod tests {
 
     #[test]
     fn head_logprobs_chunking_does_not_change_results() {
-        // Chunks of 2 rows (and a last, shorter one) against one chunk of everything.
+        // Chunks of 2 rows (and a last, shorter one) against one chunk of everything, in f32
+        // and in bf16 (where the packed head serves every chunk).
         let (b, t, h, v) = (2, 6, 8, 40);
         let hidden = Var::from_tensor(&random(&[b, t, h], 3, 1.0)).unwrap();
         let head = Var::from_tensor(&random(&[v, h], 4, 0.5)).unwrap();
@@ -616,14 +656,14 @@ mod tests {
             .map(|r| (0..t).map(|i| ((r * 13 + i * 7) % v) as u32).collect())
             .collect();
         let scored = vec![vec![true; t]; b];
-        let run = |chunk_elements| {
+        let run = |chunk_elements, bf16| {
             let (logp, hits) = head_logprobs_chunked(
                 hidden.as_tensor(),
                 head.as_tensor(),
                 &ids,
                 &scored,
                 chunk_elements,
-                false,
+                bf16,
             )
             .unwrap();
             let grads = weighted_sum(&logp, 11).backward().unwrap();
@@ -631,12 +671,14 @@ mod tests {
             let gw = grads.get(head.as_tensor()).unwrap().clone();
             (logp, hits, gh, gw)
         };
-        let (l1, h1, gh1, gw1) = run(2 * v);
-        let (l2, h2, gh2, gw2) = run(1 << 20);
-        assert_eq!(h1, h2);
-        assert!(max_abs_diff(&l1, &l2) < 1e-6);
-        assert!(max_abs_diff(&gh1, &gh2) < 1e-6);
-        assert!(max_abs_diff(&gw1, &gw2) < 1e-6);
+        for bf16 in [false, true] {
+            let (l1, h1, gh1, gw1) = run(2 * v, bf16);
+            let (l2, h2, gh2, gw2) = run(1 << 20, bf16);
+            assert_eq!(h1, h2);
+            assert!(max_abs_diff(&l1, &l2) < 1e-6);
+            assert!(max_abs_diff(&gh1, &gh2) < 1e-6);
+            assert!(max_abs_diff(&gw1, &gw2) < 1e-6);
+        }
     }
 
     #[test]
