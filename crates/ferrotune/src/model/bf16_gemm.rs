@@ -19,10 +19,14 @@
 //!   converts with `vcvtne2ps2bf16` (RNE), and is O(MK + NK) against O(MNK) for the product.
 //!   A depth-inner source gives 16 pairs of one index per conversion, scattered down the
 //!   panel; a depth-outer source gives one pair row for 16 indices at once, interleaved with
-//!   a single 16-bit permute.
+//!   a single 16-bit permute. A B used by several products is packed once ([`PackedB`]): the
+//!   LM head across the chunks of a pass, and each weight across decode steps (the decoder
+//!   keeps its weights' panels for `forward_step`, half the bytes of the f32 weights).
 //! - **Microkernel.** `MR × NR = 12 × 32` f32 accumulators in 24 of the 32 zmm registers: per
 //!   depth pair, two B vectors are loaded and each of the 12 A pairs is broadcast from memory
-//!   into two `vdpbf16ps`. 24 independent accumulators cover the instruction's latency.
+//!   into two `vdpbf16ps`. 24 independent accumulators cover the instruction's latency. The
+//!   kernel is generic in its row count, so a short last panel (decode's single row) does
+//!   only its own rows; a narrow last column panel goes through a scratch tile.
 //! - **Blocking.** The depth is walked in blocks of `KC_PAIRS` pairs, so one B micro-panel
 //!   (`KC_PAIRS · NR · 4` bytes = 16 KB) stays in L1 while every A micro-panel of the block
 //!   streams past it from L2; C tiles are loaded and stored once per depth block.
