@@ -24,6 +24,21 @@ pub enum Command {
     Decode(DecodeArgs),
     /// The gradient all-reduce of a model shape alone (run it under mpirun -np N).
     Allreduce(AllreduceArgs),
+    /// GFLOP/s of the bf16 GEMM (f32 accumulation) against the f32 one, on the linear-layer
+    /// products of the benchmark models (a kernel check, not a user command).
+    #[command(hide = true)]
+    Gemm(GemmArgs),
+}
+
+#[derive(clap::Args)]
+pub struct GemmArgs {
+    /// Products as `MxNxK:layout`, comma separated; layout `fwd` (y = x·wᵀ), `dx` (dy·w) or
+    /// `dw` (dyᵀ·x). Default: the 5M model at 8×256 tokens and Qwen2.5-0.5B at 512 tokens.
+    #[arg(long)]
+    shapes: Option<String>,
+    /// Seconds to time each product for (after one warm-up call).
+    #[arg(long, default_value_t = 1.0)]
+    seconds: f64,
 }
 
 #[derive(clap::Args)]
@@ -112,6 +127,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Train(a) => train(a),
         Command::Decode(a) => decode(a),
         Command::Allreduce(a) => allreduce(a),
+        Command::Gemm(a) => gemm(a),
     }
 }
 
@@ -252,7 +268,7 @@ fn allreduce(a: AllreduceArgs) -> anyhow::Result<()> {
 fn decode(a: DecodeArgs) -> anyhow::Result<()> {
     let device = super::device()?;
     let dtype = parse_dtype(&a.precision)?;
-    let model = ferrotune::io::load_model(&a.model, dtype, &device)?;
+    let model = ferrotune::io::load_model_for(&a.model, dtype, &device)?;
     let decoder = &model.decoder;
     let vocab = decoder.config().vocab_size;
     let mut rng = rand::rngs::StdRng::seed_from_u64(0);
@@ -290,6 +306,79 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         "prompt_len": a.prompt_len,
         "new_tokens": a.new_tokens,
         "num_parameters": num_parameters(decoder.config()),
+    }));
+    Ok(())
+}
+
+const DEFAULT_GEMM_SHAPES: &str = "2048x256x256:fwd,2048x688x256:fwd,2048x256x688:fwd,\
+2048x256x688:dx,688x256x2048:dw,2048x8192x256:fwd,\
+512x4864x896:fwd,512x896x4864:fwd,512x896x4864:dx,4864x896x512:dw,1x4864x896:fwd,32x4864x896:fwd";
+
+/// Times `f` repeatedly for about `seconds`; returns the median seconds per call.
+fn time_calls(seconds: f64, mut f: impl FnMut()) -> f64 {
+    f();
+    let mut times = Vec::new();
+    let started = Instant::now();
+    while times.len() < 3 || started.elapsed().as_secs_f64() < seconds {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    median(times)
+}
+
+fn gemm(a: GemmArgs) -> anyhow::Result<()> {
+    use ferrotune::model::bf16_gemm::{matmul, matmul_f32, native_bf16, Operand};
+    let threads = candle_core::utils::get_num_threads();
+    let shapes = a.shapes.as_deref().unwrap_or(DEFAULT_GEMM_SHAPES);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    let mut rows = Vec::new();
+    for spec in shapes.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (dims, layout) = spec.split_once(':').unwrap_or((spec, "fwd"));
+        let d: Vec<usize> = dims
+            .split('x')
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("bad shape `{spec}`: {e}"))?;
+        anyhow::ensure!(d.len() == 3, "bad shape `{spec}`: expected MxNxK");
+        let (m, n, k) = (d[0], d[1], d[2]);
+        // Storage as the linear layer's three products see it (see bf16_gemm::Operand).
+        let (a_inner, b_inner) = match layout {
+            "fwd" => (true, true),
+            "dx" => (true, false),
+            "dw" => (false, false),
+            other => anyhow::bail!("bad layout `{other}` in `{spec}`: fwd, dx or dw"),
+        };
+        let mut values =
+            |len: usize| -> Vec<f32> { (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect() };
+        let (a_data, b_data) = (values(m * k), values(n * k));
+        let operand = |data, inner, count| {
+            if inner {
+                Operand::DepthInner { data, ld: k }
+            } else {
+                Operand::DepthOuter { data, ld: count }
+            }
+        };
+        let (lhs, rhs) = (operand(&a_data, a_inner, m), operand(&b_data, b_inner, n));
+        let mut c = vec![0f32; m * n];
+        let flops = 2.0 * (m * n * k) as f64;
+        let bf16 = time_calls(a.seconds, || {
+            matmul((m, n, k), lhs, rhs, &mut c, false, threads)
+        });
+        let f32 = time_calls(a.seconds, || {
+            matmul_f32((m, n, k), lhs, rhs, &mut c, false, threads)
+        });
+        rows.push(serde_json::json!({
+            "shape": spec,
+            "bf16_gflops": flops / bf16 / 1e9,
+            "f32_gflops": flops / f32 / 1e9,
+            "speedup": f32 / bf16,
+        }));
+    }
+    super::print_json(&serde_json::json!({
+        "threads": threads,
+        "native_bf16": native_bf16(),
+        "products": rows,
     }));
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Tensor;
 use ferrotune::io::checkpoint::parse_dtype;
-use ferrotune::io::load_model;
+use ferrotune::io::load_model_for;
 use ferrotune::model::ops::log_softmax_last_dim;
 
 #[derive(clap::Args)]
@@ -30,7 +30,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device = super::device()?;
     let dtype = parse_dtype(&args.precision)?;
-    let model = load_model(&args.model, dtype, &device)?;
+    let model = load_model_for(&args.model, dtype, &device)?;
     let tokenizer = model.tokenizer()?;
     let text = std::fs::read_to_string(&args.text_file)
         .with_context(|| format!("reading {}", args.text_file.display()))?;

@@ -7,5 +7,5 @@ pub mod model_dir;
 pub mod tokenizer;
 
 pub use chat_template::{ChatTemplate, TemplateTokens};
-pub use model_dir::{load_model, save_model, LoadedModel};
+pub use model_dir::{load_model, load_model_for, save_model, LoadedModel};
 pub use tokenizer::Tokenizer;

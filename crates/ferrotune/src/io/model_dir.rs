@@ -66,6 +66,19 @@ pub fn load_model(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedMod
     })
 }
 
+/// Loads a model directory to compute in `precision`. On the CPU, bf16 is autocast: the
+/// weights load as f32 and the linear layers compute in bf16 with f32 accumulation
+/// ([`Decoder::with_bf16_linears`]), since candle's CPU matmul has no bf16 kernel. Everywhere
+/// else this is [`load_model`] in `precision`.
+pub fn load_model_for(dir: &Path, precision: DType, device: &Device) -> Result<LoadedModel> {
+    if device.is_cpu() && precision == DType::BF16 {
+        let mut model = load_model(dir, DType::F32, device)?;
+        model.decoder = model.decoder.with_bf16_linears(true);
+        return Ok(model);
+    }
+    load_model(dir, precision, device)
+}
+
 /// Writes `decoder` as an HF directory in `dtype`, copying tokenizer files from
 /// `tokenizer_dir` and carrying over its `generation_config.json` when it has one.
 pub fn save_model(

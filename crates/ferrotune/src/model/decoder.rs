@@ -11,9 +11,12 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::bf16_gemm::{self, Operand, PackedB};
+use super::bf16_linear;
 use super::config::{Head, ModelConfig};
 use super::fused;
 use super::kv_cache::KvCache;
@@ -26,17 +29,37 @@ use crate::error::{Error, Result};
 /// query row whose keys are all masked (a padding position) gives a uniform row, not NaN.
 const MASKED: f32 = -1e9;
 
+/// A linear layer's weight [out, in] and bias.
+struct Proj {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// The weight's bf16 panels for `forward_step` under bf16 autocast, packed on first use:
+    /// decoding multiplies a few rows by the same weights every step, so packing them each
+    /// time would cost as much as the product, and the panels are half the f32 bytes to read.
+    packed: OnceLock<PackedB>,
+}
+
+impl Proj {
+    fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Proj {
+            weight,
+            bias,
+            packed: OnceLock::new(),
+        }
+    }
+}
+
 struct Attention {
-    q: (Tensor, Option<Tensor>),
-    k: (Tensor, Option<Tensor>),
-    v: (Tensor, Option<Tensor>),
-    o: (Tensor, Option<Tensor>),
+    q: Proj,
+    k: Proj,
+    v: Proj,
+    o: Proj,
 }
 
 struct Mlp {
-    gate: (Tensor, Option<Tensor>),
-    up: (Tensor, Option<Tensor>),
-    down: (Tensor, Option<Tensor>),
+    gate: Proj,
+    up: Proj,
+    down: Proj,
 }
 
 struct Layer {
@@ -63,11 +86,12 @@ pub struct Decoder {
     norm: Tensor,
     /// The output projection: `lm_head.weight`, the embedding when tied, or `score.weight`.
     head: Tensor,
+    /// The head's bf16 panels for `forward_step` (see [`Proj::packed`]).
+    head_packed: OnceLock<PackedB>,
     rope: Rope,
-}
-
-fn linear(x: &Tensor, p: &(Tensor, Option<Tensor>)) -> Result<Tensor> {
-    ops::linear(x, &p.0, p.1.as_ref())
+    /// The layers' linear products in bf16 with f32 accumulation (CPU autocast, see
+    /// [`Decoder::with_bf16_linears`]).
+    bf16_linears: bool,
 }
 
 impl Decoder {
@@ -115,8 +139,8 @@ impl Decoder {
                 .ok_or_else(|| Error::invalid(format!("parameter `{name}` missing")))
         };
         let get_opt = |name: &str| params.get(name).cloned();
-        let proj = |prefix: &str| -> Result<(Tensor, Option<Tensor>)> {
-            Ok((
+        let proj = |prefix: &str| -> Result<Proj> {
+            Ok(Proj::new(
                 get(&format!("{prefix}.weight"))?,
                 get_opt(&format!("{prefix}.bias")),
             ))
@@ -154,7 +178,51 @@ impl Decoder {
             head,
             params,
             config,
+            bf16_linears: false,
+            head_packed: OnceLock::new(),
         })
+    }
+
+    /// Autocast to bf16 on the CPU: the weights and activations stay f32, and every linear
+    /// layer of the decoder blocks (q, k, v, o, gate, up, down) and the fused LM head of
+    /// training compute their products in bf16 with f32 accumulation
+    /// ([`super::bf16_linear::linear_bf16`]). Elsewhere (attention scores, norms, softmax) the
+    /// computation is unchanged f32.
+    pub fn with_bf16_linears(mut self, on: bool) -> Self {
+        self.bf16_linears = on;
+        self
+    }
+
+    /// Whether the linear layers compute in bf16 (see [`Decoder::with_bf16_linears`]).
+    pub fn bf16_linears(&self) -> bool {
+        self.bf16_linears
+    }
+
+    /// The output projection of hidden states, in bf16 too under autocast. `step`: from
+    /// `forward_step` (inference only, may use the packed weights).
+    fn head_linear(&self, hidden: &Tensor, step: bool) -> Result<Tensor> {
+        self.project(hidden, &self.head, None, &self.head_packed, step)
+    }
+
+    fn linear(&self, x: &Tensor, p: &Proj, step: bool) -> Result<Tensor> {
+        self.project(x, &p.weight, p.bias.as_ref(), &p.packed, step)
+    }
+
+    fn project(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        packed: &OnceLock<PackedB>,
+        step: bool,
+    ) -> Result<Tensor> {
+        if !self.bf16_linears {
+            return ops::linear(x, weight, bias);
+        }
+        if step && x.device().is_cpu() && weight.dtype() == DType::F32 {
+            return prepacked_linear(x, weight, bias, packed);
+        }
+        bf16_linear::linear_bf16(x, weight, bias)
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -237,11 +305,11 @@ impl Decoder {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
             let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
+            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, false)?;
             let attn = self.attend(&q, &k, &v, &mask, false)?;
-            x = (x + linear(&attn, &layer.attention.o)?)?;
+            x = (x + self.linear(&attn, &layer.attention.o, false)?)?;
             let normed = fused::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
-            x = (x + self.mlp(&layer.mlp, &normed)?)?;
+            x = (x + self.mlp(&layer.mlp, &normed, false)?)?;
         }
         fused::rms_norm(&x, &self.norm, self.config.rms_norm_eps)
     }
@@ -249,7 +317,7 @@ impl Decoder {
     /// Logits for a whole sequence, [B, T, V] (or [B, T, num_labels] for a classifier).
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        ops::linear(&hidden, &self.head, None)
+        self.head_linear(&hidden, false)
     }
 
     /// The head's outputs at the last token of each sequence (next-token logits for a causal LM,
@@ -284,7 +352,7 @@ impl Decoder {
             let hidden = self.forward_hidden(&input, Some(&mask))?;
             let lengths: Vec<usize> = chunk.iter().map(|s| s.len()).collect();
             let last = gather_last_token(&hidden, &lengths)?;
-            let outputs = ops::linear(&last, &self.head, None)?;
+            let outputs = self.head_linear(&last, false)?;
             out.extend(outputs.to_dtype(DType::F32)?.to_vec2::<f32>()?);
         }
         Ok(out)
@@ -336,13 +404,13 @@ impl Decoder {
         let mut x = self.embed(input_ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let normed = ops::fast::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin)?;
+            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, true)?;
             let (k_all, v_all) = cache.append(i, &k, &v, past)?;
             let attn = self.attend(&q, &k_all, &v_all, &mask, true)?;
-            x = (x + linear(&attn, &layer.attention.o)?)?;
+            x = (x + self.linear(&attn, &layer.attention.o, true)?)?;
             let normed =
                 ops::fast::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
-            x = (x + self.mlp(&layer.mlp, &normed)?)?;
+            x = (x + self.mlp(&layer.mlp, &normed, true)?)?;
         }
         cache.advance(t, step_mask);
         let x = match logits_at {
@@ -350,7 +418,7 @@ impl Decoder {
             LogitsAt::All => x,
         };
         let hidden = ops::fast::rms_norm(&x, &self.norm, self.config.rms_norm_eps)?;
-        let logits = ops::linear(&hidden, &self.head, None)?;
+        let logits = self.head_linear(&hidden, true)?;
         Ok(match logits_at {
             LogitsAt::Last => logits.squeeze(1)?,
             LogitsAt::All => logits,
@@ -364,11 +432,13 @@ impl Decoder {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
+        step: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let c = &self.config;
-        let heads = |p: &(Tensor, Option<Tensor>), n: usize| -> Result<Tensor> {
-            Ok(linear(x, p)?
+        let heads = |p: &Proj, n: usize| -> Result<Tensor> {
+            Ok(self
+                .linear(x, p, step)?
                 .reshape((b, t, n, c.head_dim))?
                 .transpose(1, 2)?)
         };
@@ -411,11 +481,52 @@ impl Decoder {
             .reshape((b, t, h * d))?)
     }
 
-    fn mlp(&self, m: &Mlp, x: &Tensor) -> Result<Tensor> {
-        let gate = linear(x, &m.gate)?.silu()?;
-        let up = linear(x, &m.up)?;
-        linear(&(gate * up)?, &m.down)
+    fn mlp(&self, m: &Mlp, x: &Tensor, step: bool) -> Result<Tensor> {
+        let gate = self.linear(x, &m.gate, step)?.silu()?;
+        let up = self.linear(x, &m.up, step)?;
+        self.linear(&(gate * up)?, &m.down, step)
     }
+}
+
+/// `x @ weightᵀ (+ bias)` in bf16 with f32 accumulation against the weight's panels in
+/// `packed` (packed on first use). Inference only: no gradient reaches the weight.
+fn prepacked_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    packed: &OnceLock<PackedB>,
+) -> Result<Tensor> {
+    let (outputs, inputs) = weight.dims2()?;
+    let threads = candle_core::utils::get_num_threads();
+    let panels = match packed.get() {
+        Some(p) => p,
+        None => {
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            let b = Operand::DepthInner {
+                data: &w,
+                ld: inputs,
+            };
+            // Two racing threads pack the same values; either result serves.
+            let _ = packed.set(PackedB::new(b, (outputs, inputs), threads));
+            packed.get().expect("just set")
+        }
+    };
+    let mut dims = x.dims().to_vec();
+    let rows = x.elem_count() / inputs.max(1);
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let mut y = vec![0f32; rows * outputs];
+    let a = Operand::DepthInner {
+        data: &xs,
+        ld: inputs,
+    };
+    bf16_gemm::matmul_packed(rows, a, panels, &mut y, false, threads);
+    let y = Tensor::from_vec(y, (rows, outputs), x.device())?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    *dims.last_mut().expect("rank >= 1") = outputs;
+    Ok(y.reshape(dims)?)
 }
 
 /// Additive attention bias [B, 1, T, S] for `T` queries at cache slots `past..past+T` over all

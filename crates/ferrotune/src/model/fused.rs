@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
 use rayon::prelude::*;
 
+use super::bf16_gemm::{self, Operand, PackedB};
 use super::ops;
 use crate::error::{Error, Result};
 
@@ -25,12 +26,15 @@ use crate::error::{Error, Result};
 /// enough that the head matmuls stay efficient, small enough to never matter for memory.
 const CHUNK_ELEMENTS: usize = 16 << 20;
 
-fn cpu_error(message: impl Into<String>) -> candle_core::Error {
+pub(super) fn cpu_error(message: impl Into<String>) -> candle_core::Error {
     candle_core::Error::Msg(message.into())
 }
 
 /// The f32 contents of a contiguous CPU storage, honouring the layout's start offset.
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
+pub(super) fn f32_slice<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a [f32]> {
     if !layout.is_contiguous() {
         return Err(cpu_error("fused kernel input is not contiguous"));
     }
@@ -53,7 +57,7 @@ fn with_f32<R>(
 
 /// The backward of a two-input CPU kernel: `backward(a, b, grad)` on the f32 contents gives the
 /// gradients of `a` and `b`, returned as tensors of their shapes.
-fn two_input_grads(
+pub(super) fn two_input_grads(
     a: &Tensor,
     b: &Tensor,
     grad: &Tensor,
@@ -69,71 +73,54 @@ fn two_input_grads(
     ))
 }
 
-fn parallelism() -> gemm::Parallelism {
-    match candle_core::utils::get_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
-}
-
-/// Row-major matrix views for [`gemm`]: `rows × cols` with the given strides.
-#[derive(Clone, Copy)]
-struct View {
-    col_stride: isize,
-    row_stride: isize,
-}
-
-const fn row_major(cols: usize) -> View {
-    View {
-        col_stride: 1,
-        row_stride: cols as isize,
-    }
-}
-
-/// The transpose of a row-major `[rows, cols]` matrix, seen as `[cols, rows]`.
-const fn transposed(cols: usize) -> View {
-    View {
-        col_stride: cols as isize,
-        row_stride: 1,
-    }
-}
-
-/// `dst[m×n] = (accumulate ? dst : 0) + lhs[m×k] · rhs[k×n]`.
-#[allow(clippy::too_many_arguments)]
+/// `dst[m×n] = (accumulate ? dst : 0) + a[m×k] · b[k×n]`, in f32 or, with `bf16`, in bf16 with
+/// f32 accumulation (autocast).
 fn gemm(
-    (m, n, k): (usize, usize, usize),
+    bf16: bool,
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     accumulate: bool,
-    lhs: &[f32],
-    lhs_view: View,
-    rhs: &[f32],
-    rhs_view: View,
+    a: Operand,
+    b: Operand,
 ) {
-    assert!(dst.len() >= m * n, "gemm destination too small");
-    // SAFETY: the views address only elements inside `lhs` (m×k), `rhs` (k×n) and `dst` (m×n,
-    // row-major), whose lengths the callers size from the same dimensions.
-    unsafe {
-        gemm::gemm(
-            m,
+    let threads = candle_core::utils::get_num_threads();
+    if bf16 {
+        bf16_gemm::matmul(dims, a, b, dst, accumulate, threads)
+    } else {
+        bf16_gemm::matmul_f32(dims, a, b, dst, accumulate, threads)
+    }
+}
+
+/// The head as the B operand of one product, used by every chunk of a pass: plain f32, or (bf16)
+/// packed once per pass rather than once per chunk (152k × 896 at Qwen2.5-0.5B).
+struct HeadB<'a> {
+    plain: Operand<'a>,
+    n: usize,
+    k: usize,
+    packed: Option<PackedB>,
+}
+
+impl<'a> HeadB<'a> {
+    fn new(bf16: bool, plain: Operand<'a>, (n, k): (usize, usize)) -> Self {
+        let threads = candle_core::utils::get_num_threads();
+        let packed = bf16.then(|| PackedB::new(plain, (n, k), threads));
+        HeadB {
+            plain,
             n,
             k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_view.col_stride,
-            lhs_view.row_stride,
-            rhs.as_ptr(),
-            rhs_view.col_stride,
-            rhs_view.row_stride,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
+            packed,
+        }
+    }
+
+    /// `dst[m×n] = a[m×k] · head`.
+    fn product(&self, m: usize, a: Operand, dst: &mut [f32]) {
+        match &self.packed {
+            Some(b) => {
+                let threads = candle_core::utils::get_num_threads();
+                bf16_gemm::matmul_packed(m, a, b, dst, false, threads)
+            }
+            None => gemm(false, (m, self.n, self.k), dst, false, a, self.plain),
+        }
     }
 }
 
@@ -160,6 +147,8 @@ struct HeadLogprob {
     vocab: usize,
     /// Elements of logits per chunk ([`CHUNK_ELEMENTS`]; smaller in tests).
     chunk_elements: usize,
+    /// The head products in bf16 with f32 accumulation (autocast).
+    bf16: bool,
     /// Per pick: the argmax of the logits equals the target (filled by the forward pass).
     hits: Arc<Mutex<Vec<bool>>>,
 }
@@ -179,37 +168,46 @@ impl HeadLogprob {
         packed
     }
 
-    /// Logits of picks `start..start+rows` into `buf`.
+    /// Logits of picks `start..start+rows` into `buf` (`head` as [`HeadLogprob::logits_head`]).
     fn chunk_logits(
         &self,
         packed: &[f32],
-        head: &[f32],
+        head: &HeadB,
         start: usize,
         rows: usize,
         buf: &mut [f32],
     ) {
-        let (h, v) = (self.hidden_size, self.vocab);
-        gemm(
-            (rows, v, h),
+        let h = self.hidden_size;
+        head.product(
+            rows,
+            Operand::DepthInner {
+                data: &packed[start * h..(start + rows) * h],
+                ld: h,
+            },
             buf,
-            false,
-            &packed[start * h..(start + rows) * h],
-            row_major(h),
-            head,
-            transposed(h),
         );
+    }
+
+    /// The head [V, H] as B of the logits product: the hidden size is the depth of both.
+    fn logits_head<'a>(&self, head: &'a [f32]) -> HeadB<'a> {
+        let b = Operand::DepthInner {
+            data: head,
+            ld: self.hidden_size,
+        };
+        HeadB::new(self.bf16, b, (self.vocab, self.hidden_size))
     }
 
     fn forward(&self, hidden: &[f32], head: &[f32]) -> Vec<f32> {
         let v = self.vocab;
         let packed = self.gather_rows(hidden);
+        let head = self.logits_head(head);
         let mut out = vec![0f32; self.out_len];
         let mut hits = vec![false; self.picks.len()];
         let chunk = self.chunk_rows();
         let mut buf = vec![0f32; chunk.min(self.picks.len()) * v];
         for start in (0..self.picks.len()).step_by(chunk) {
             let rows = chunk.min(self.picks.len() - start);
-            self.chunk_logits(&packed, head, start, rows, &mut buf);
+            self.chunk_logits(&packed, &head, start, rows, &mut buf);
             let picks = &self.picks[start..start + rows];
             let results: Vec<(f32, bool)> = buf[..rows * v]
                 .par_chunks(v)
@@ -235,12 +233,15 @@ impl HeadLogprob {
         let (h, v) = (self.hidden_size, self.vocab);
         let packed = self.gather_rows(hidden);
         let mut grad_packed = vec![0f32; packed.len()];
+        let logits_head = self.logits_head(head);
+        // d hidden = G · head: the head's rows (vocab) are the depth.
+        let grad_head_b = HeadB::new(self.bf16, Operand::DepthOuter { data: head, ld: h }, (h, v));
         let mut grad_head = vec![0f32; v * h];
         let chunk = self.chunk_rows();
         let mut buf = vec![0f32; chunk.min(self.picks.len()) * v];
         for start in (0..self.picks.len()).step_by(chunk) {
             let rows = chunk.min(self.picks.len() - start);
-            self.chunk_logits(&packed, head, start, rows, &mut buf);
+            self.chunk_logits(&packed, &logits_head, start, rows, &mut buf);
             let picks = &self.picks[start..start + rows];
             buf[..rows * v]
                 .par_chunks_mut(v)
@@ -255,23 +256,27 @@ impl HeadLogprob {
                     row[p.target as usize] += g;
                 });
             // d hidden = G · head; d head += Gᵀ · hidden.
-            gemm(
-                (rows, h, v),
+            grad_head_b.product(
+                rows,
+                Operand::DepthInner {
+                    data: &buf[..rows * v],
+                    ld: v,
+                },
                 &mut grad_packed[start * h..(start + rows) * h],
-                false,
-                &buf[..rows * v],
-                row_major(v),
-                head,
-                row_major(h),
             );
             gemm(
+                self.bf16,
                 (v, h, rows),
                 &mut grad_head,
                 true,
-                &buf[..rows * v],
-                transposed(v),
-                &packed[start * h..(start + rows) * h],
-                row_major(h),
+                Operand::DepthOuter {
+                    data: &buf[..rows * v],
+                    ld: v,
+                },
+                Operand::DepthOuter {
+                    data: &packed[start * h..(start + rows) * h],
+                    ld: h,
+                },
             );
         }
         let mut grad_hidden = vec![0f32; hidden.len()];
@@ -318,14 +323,16 @@ impl CustomOp2 for HeadLogprob {
 /// `logp[b][i] = log p(input_ids[b][i] | input_ids[b][<i])` where `scored[b][i]` (i ≥ 1) and 0
 /// elsewhere — `token_logprobs(linear(hidden, head)) * scored` of `objectives` — and `hits`,
 /// how many scored tokens are the argmax of their distribution (token accuracy). Gradients
-/// reach `hidden` and `head`.
+/// reach `hidden` and `head`. With `bf16`, the head's products (forward and backward) round
+/// their inputs to bf16 and accumulate in f32 ([`bf16_gemm`]); the softmax stays f32.
 pub fn head_logprobs(
     hidden: &Tensor,
     head: &Tensor,
     input_ids: &[Vec<u32>],
     scored: &[Vec<bool>],
+    bf16: bool,
 ) -> Result<(Tensor, usize)> {
-    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS)
+    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS, bf16)
 }
 
 fn head_logprobs_chunked(
@@ -334,6 +341,7 @@ fn head_logprobs_chunked(
     input_ids: &[Vec<u32>],
     scored: &[Vec<bool>],
     chunk_elements: usize,
+    bf16: bool,
 ) -> Result<(Tensor, usize)> {
     let (b, t, h) = hidden.dims3()?;
     let (v, h2) = head.dims2()?;
@@ -374,6 +382,7 @@ fn head_logprobs_chunked(
         hidden_size: h,
         vocab: v,
         chunk_elements,
+        bf16,
         hits: hits.clone(),
     };
     let hidden2 = hidden
@@ -571,7 +580,7 @@ mod tests {
             vec![false; t],
         ];
         let (fused, fused_hits) =
-            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored).unwrap();
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored, false).unwrap();
         let (reference, ref_hits) =
             head_logprobs_composed(hidden.as_tensor(), head.as_tensor(), &ids, &scored).unwrap();
         assert!(max_abs_diff(&fused, &reference) < 1e-5);
@@ -592,9 +601,54 @@ mod tests {
         }
     }
 
+    /// With bf16 products the forward equals the composed f32 reference on bf16-rounded hidden
+    /// states and head (up to accumulation order); the gradients, whose products also round
+    /// the softmax gradient, agree to bf16 precision.
+    #[test]
+    fn head_logprobs_in_bf16_match_composed_on_rounded_inputs() {
+        use super::bf16_gemm::round_bf16;
+        let rounded = |t: &Tensor| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let v: Vec<f32> = v.into_iter().map(round_bf16).collect();
+            Var::from_tensor(&Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()).unwrap()
+        };
+        let (b, t, h, v) = (2, 9, 24, 70);
+        let hidden = Var::from_tensor(&random(&[b, t, h], 21, 1.0)).unwrap();
+        let head = Var::from_tensor(&random(&[v, h], 22, 0.5)).unwrap();
+        let (hidden_r, head_r) = (rounded(hidden.as_tensor()), rounded(head.as_tensor()));
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|r| (0..t).map(|i| ((r * 29 + i * 11) % v) as u32).collect())
+            .collect();
+        let scored: Vec<Vec<bool>> = vec![(0..t).map(|i| i >= 3).collect(), vec![true; t]];
+        let (ours, _) =
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored, true).unwrap();
+        let (reference, _) =
+            head_logprobs_composed(hidden_r.as_tensor(), head_r.as_tensor(), &ids, &scored)
+                .unwrap();
+        assert!(max_abs_diff(&ours, &reference) < 1e-5);
+        let (plain, _) =
+            head_logprobs(hidden.as_tensor(), head.as_tensor(), &ids, &scored, false).unwrap();
+        assert!(
+            max_abs_diff(&ours, &plain) > 1e-5,
+            "bf16 rounding is visible"
+        );
+        let go = weighted_sum(&ours, 23).backward().unwrap();
+        let gr = weighted_sum(&reference, 23).backward().unwrap();
+        for (var, var_r) in [(&hidden, &hidden_r), (&head, &head_r)] {
+            let a = go.get(var.as_tensor()).unwrap();
+            let r = gr.get(var_r.as_tensor()).unwrap();
+            let scale = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let scale = scale.to_scalar::<f32>().unwrap();
+            assert!(scale > 0.0);
+            let d = max_abs_diff(a, r);
+            assert!(d < 2e-2 * scale, "{d} vs scale {scale}");
+        }
+    }
+
     #[test]
     fn head_logprobs_chunking_does_not_change_results() {
-        // Chunks of 2 rows (and a last, shorter one) against one chunk of everything.
+        // Chunks of 2 rows (and a last, shorter one) against one chunk of everything, in f32
+        // and in bf16 (where the packed head serves every chunk).
         let (b, t, h, v) = (2, 6, 8, 40);
         let hidden = Var::from_tensor(&random(&[b, t, h], 3, 1.0)).unwrap();
         let head = Var::from_tensor(&random(&[v, h], 4, 0.5)).unwrap();
@@ -602,13 +656,14 @@ mod tests {
             .map(|r| (0..t).map(|i| ((r * 13 + i * 7) % v) as u32).collect())
             .collect();
         let scored = vec![vec![true; t]; b];
-        let run = |chunk_elements| {
+        let run = |chunk_elements, bf16| {
             let (logp, hits) = head_logprobs_chunked(
                 hidden.as_tensor(),
                 head.as_tensor(),
                 &ids,
                 &scored,
                 chunk_elements,
+                bf16,
             )
             .unwrap();
             let grads = weighted_sum(&logp, 11).backward().unwrap();
@@ -616,12 +671,14 @@ mod tests {
             let gw = grads.get(head.as_tensor()).unwrap().clone();
             (logp, hits, gh, gw)
         };
-        let (l1, h1, gh1, gw1) = run(2 * v);
-        let (l2, h2, gh2, gw2) = run(1 << 20);
-        assert_eq!(h1, h2);
-        assert!(max_abs_diff(&l1, &l2) < 1e-6);
-        assert!(max_abs_diff(&gh1, &gh2) < 1e-6);
-        assert!(max_abs_diff(&gw1, &gw2) < 1e-6);
+        for bf16 in [false, true] {
+            let (l1, h1, gh1, gw1) = run(2 * v, bf16);
+            let (l2, h2, gh2, gw2) = run(1 << 20, bf16);
+            assert_eq!(h1, h2);
+            assert!(max_abs_diff(&l1, &l2) < 1e-6);
+            assert!(max_abs_diff(&gh1, &gh2) < 1e-6);
+            assert!(max_abs_diff(&gw1, &gw2) < 1e-6);
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The model: HF config, the Llama-family decoder, rotary embeddings, the KV cache,
 //! differentiable ops and random initialisation.
 
+pub mod bf16_gemm;
+pub mod bf16_linear;
 pub mod config;
 pub mod decoder;
 pub mod fused;

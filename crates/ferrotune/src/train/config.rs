@@ -71,7 +71,8 @@ pub struct TrainConfig {
     /// Global-norm gradient clipping; 0 disables.
     pub max_grad_norm: f64,
     pub seed: u64,
-    /// Compute precision: f32, bf16 or f16 (master weights and moments stay f32).
+    /// Compute precision: f32, bf16 or f16 (master weights and moments stay f32). bf16 on the
+    /// CPU is autocast: f32 activations, bf16 products with f32 accumulation in the linear layers.
     pub precision: String,
     pub max_length: Option<usize>,
     /// `right` (default: cut the end), `left` (cut the start) or `drop` (skip the row).

@@ -162,7 +162,13 @@ fn scored_logprobs(decoder: &Decoder, p: &Padded, rows: &[&TokenizedSequence]) -
     let hidden = decoder.forward_hidden(&p.input_ids, Some(&p.attention_mask))?;
     let ids: Vec<Vec<u32>> = rows.iter().map(|s| s.input_ids.clone()).collect();
     let scored: Vec<Vec<bool>> = rows.iter().map(|s| s.targets.clone()).collect();
-    let (logp, hits) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored)?;
+    let (logp, hits) = head_logprobs(
+        &hidden,
+        decoder.head_weight(),
+        &ids,
+        &scored,
+        decoder.bf16_linears(),
+    )?;
     Ok(Scored { hidden, logp, hits })
 }
 
@@ -696,22 +702,27 @@ fn reference_logprobs(
     Ok(out)
 }
 
-fn compute_decoder(
+/// The decoder a training step runs: the f32 master weights `vars`, cast to `dtype` inside
+/// the graph (gradients flow back to the f32 variables). bf16 on the CPU is autocast instead:
+/// the weights stay f32 and the linear layers compute in bf16 with f32 accumulation.
+pub fn compute_decoder(
     config: &ModelConfig,
     vars: &BTreeMap<String, Var>,
     dtype: DType,
 ) -> Result<Decoder> {
+    // candle's CPU matmul has no bf16 kernel; ours (bf16_linear) accumulates in f32.
+    let autocast = dtype == DType::BF16 && vars.values().all(|v| v.device().is_cpu());
     let mut params = BTreeMap::new();
     for (name, var) in vars {
         // The cast is part of the graph, so gradients reach the f32 master weights.
-        let t = if dtype == DType::F32 {
+        let t = if dtype == DType::F32 || autocast {
             var.as_tensor().clone()
         } else {
             var.as_tensor().to_dtype(dtype)?
         };
         params.insert(name.clone(), t);
     }
-    Decoder::from_params(config.clone(), params)
+    Ok(Decoder::from_params(config.clone(), params)?.with_bf16_linears(autocast))
 }
 
 /// Master weights, optimizer and the objective's step: what one optimizer step needs. Shared
@@ -1002,11 +1013,6 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
     }
     let device = crate::device::select()?;
     let dtype = parse_dtype(&config.precision)?;
-    if device.is_cpu() && dtype == DType::BF16 {
-        return Err(Error::invalid(
-            "--precision bf16 needs a CUDA build: candle's CPU matmul has no bf16 kernel (use f32 or f16)",
-        ));
-    }
     if inputs.train.is_empty() && !config.eval_only {
         return Err(Error::invalid(
             "no training examples left after selection and truncation",

@@ -262,7 +262,7 @@ impl WinRateEval {
                 self.start_model.display(),
                 self.prompts.len()
             );
-            let start = crate::io::load_model(&self.start_model, self.dtype, &self.device)?;
+            let start = crate::io::load_model_for(&self.start_model, self.dtype, &self.device)?;
             *reference = Some(self.answers(&start.decoder)?);
         }
         let reference = reference.as_ref().expect("just set");

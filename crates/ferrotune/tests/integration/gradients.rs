@@ -80,6 +80,62 @@ fn every_parameter_gets_a_nonzero_gradient() {
     }
 }
 
+/// `--precision bf16` on the CPU (autocast: f32 weights, bf16 products in every linear layer
+/// and the fused head): the training step's decoder and loss still reach every parameter.
+#[test]
+fn every_parameter_gets_a_nonzero_gradient_under_cpu_bf16_autocast() {
+    use ferrotune::model::fused::head_logprobs;
+    use ferrotune::train::trainer::compute_decoder;
+
+    for name in MODELS {
+        let loaded = load_fixture(name);
+        let config = loaded.decoder.config().clone();
+        let vars: BTreeMap<String, Var> = loaded
+            .decoder
+            .params()
+            .iter()
+            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let decoder = compute_decoder(&config, &vars, DType::BF16).unwrap();
+        assert!(
+            decoder.bf16_linears(),
+            "{name}: bf16 on the CPU is autocast"
+        );
+        assert_eq!(decoder.dtype(), DType::F32, "{name}: weights stay f32");
+        let ids = vec![vec![5u32, 80, 300, 41, 7, 99], vec![12, 64, 3, 0, 0, 0]];
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], &Device::Cpu).unwrap();
+        let scored = vec![
+            vec![false, true, true, true, true, true],
+            vec![false, true, true, false, false, false],
+        ];
+        let input = Tensor::new(
+            &[[5u32, 80, 300, 41, 7, 99], [12, 64, 3, 0, 0, 0]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let hidden = decoder.forward_hidden(&input, Some(&mask)).unwrap();
+        let (logp, _) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored, true).unwrap();
+        let loss = logp.sum_all().unwrap().neg().unwrap();
+        let grads = loss.backward().unwrap();
+        for (n, v) in &vars {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{name}: gradient of {n} is {norm}"
+            );
+        }
+    }
+}
+
 /// The training path's gradients (decoder with the fused RMSNorm, fused chunked head +
 /// cross-entropy) equal transformers' autograd in float64 (`scripts/fixtures/make_grad_fixtures.py`)
 /// for every parameter: norm, sum and the first 16 values, to 1e-4 relative.
@@ -127,7 +183,8 @@ fn sft_loss_gradients_match_transformers() {
         let hidden = decoder
             .forward_hidden(&flat(&ids), Some(&flat(&mask)))
             .unwrap();
-        let (logp, _) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored).unwrap();
+        let (logp, _) =
+            head_logprobs(&hidden, decoder.head_weight(), &ids, &scored, false).unwrap();
         let count = scored.iter().flatten().filter(|&&s| s).count() as f64;
         let loss = (logp.sum_all().unwrap().neg().unwrap() / count).unwrap();
         let want_loss = reference["loss"].as_f64().unwrap();
