@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context;
-use candle_core::DType;
 use ferrotune::data::{load_dataset, Encoder, LoadOptions, PromptInput, Schema};
 use ferrotune::eval::{generation_prompt, AnswerRow};
 use ferrotune::infer::{
@@ -88,6 +87,10 @@ pub struct Args {
     /// Output JSONL, one row per sample.
     #[arg(long)]
     out: PathBuf,
+    /// Compute precision: f32, or bf16 (on the CPU: f32 weights, every linear through the bf16
+    /// GEMM with weight panels packed once; about 2.6× the f32 decode rate at batch 8).
+    #[arg(long, default_value = "f32")]
+    precision: String,
     /// Samples per prompt.
     #[arg(long, default_value_t = 1)]
     n: usize,
@@ -268,7 +271,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     args.sampling.params()?;
     let prompts = read_prompts(&args.prompts, args.schema.as_deref())?;
     let device = super::device()?;
-    let model = ferrotune::io::load_model(&args.model, DType::F32, &device)?;
+    let precision = ferrotune::io::checkpoint::parse_dtype(&args.precision)?;
+    let model = ferrotune::io::load_model_for(&args.model, precision, &device)?;
     let tokenizer = model.tokenizer()?;
     let context = model.decoder.config().max_position_embeddings;
     let prepared = prepare_prompts(tokenizer, context, &prompts)?;

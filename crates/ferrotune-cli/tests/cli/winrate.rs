@@ -236,6 +236,46 @@ fn generate_writes_contract_rows_reproducibly() {
 }
 
 #[test]
+fn generate_in_bf16_writes_the_same_rows_and_a_bad_precision_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    write_prompts(&prompts);
+    let run = |precision: &str, out: &Path| {
+        ferrotune(&[
+            "generate",
+            "--model",
+            s(&tiny()),
+            "--prompts",
+            s(&prompts),
+            "--out",
+            s(out),
+            "--max-new-tokens",
+            "8",
+            "--precision",
+            precision,
+        ])
+    };
+    let f32_rows = {
+        let out = tmp.path().join("f32.jsonl");
+        assert!(run("f32", &out).status.success());
+        read_jsonl(&out)
+    };
+    let out = tmp.path().join("bf16.jsonl");
+    let o = run("bf16", &out);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bf16_rows = read_jsonl(&out);
+    assert_eq!(bf16_rows.len(), f32_rows.len());
+    for (a, b) in f32_rows.iter().zip(&bf16_rows) {
+        assert_eq!(a["index"], b["index"]);
+        assert_eq!(a["prompt"], b["prompt"]);
+        assert!(b["num_tokens"].as_u64().unwrap() >= 1);
+    }
+    let o = run("fp8", &tmp.path().join("bad.jsonl"));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("fp8"), "{}", stderr(&o));
+}
+
+#[test]
 fn winrate_against_a_served_reward_model_matches_the_in_process_rm_judge() {
     let tmp = tempfile::tempdir().unwrap();
     let rm = tmp.path().join("rm");
