@@ -132,34 +132,18 @@ pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
 #[cfg(test)]
 mod tests {
     use super::super::bf16_gemm::round_bf16;
+    use super::super::test_tensors::max_abs_diff;
     use super::*;
     use candle_core::{Device, Var};
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+        super::super::test_tensors::random(shape, seed, 1.0)
     }
 
     fn rounded(t: &Tensor) -> Tensor {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let v: Vec<f32> = v.into_iter().map(round_bf16).collect();
         Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Values and gradients against candle's f32 ops on bf16-rounded copies of the inputs.

@@ -535,29 +535,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_tensors::{max_abs_diff, random};
     use super::*;
     use candle_core::{Device, Var};
-
-    fn random(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| rng.random_range(-scale..scale)).collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// Loss weights that are not all equal, so a wrong gradient cannot cancel out.
     fn weighted_sum(t: &Tensor, seed: u64) -> Tensor {

@@ -11,6 +11,8 @@ pub mod kv_cache;
 pub mod ops;
 pub mod params;
 pub mod rope;
+#[cfg(test)]
+mod test_tensors;
 
 pub use config::{Family, Head, ModelConfig, RopeScaling};
 pub use decoder::{Decoder, LogitsAt};
