@@ -168,14 +168,9 @@ pub fn rank_and_size(env: &LaunchEnv) -> Result<(usize, usize)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> LaunchEnv {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        LaunchEnv::from_lookup(|k| map.get(k).cloned()).unwrap()
+        LaunchEnv::from_pairs(pairs)
     }
 
     const ALL: Capabilities = Capabilities {

@@ -48,6 +48,13 @@ impl LaunchEnv {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
+    /// As `from_env`, over the given variables only (tests).
+    #[cfg(test)]
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        let map: std::collections::HashMap<&str, &str> = pairs.iter().copied().collect();
+        Self::from_lookup(|k| map.get(k).map(|v| v.to_string())).unwrap()
+    }
+
     /// As `from_env`, over any lookup (tests).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let number = |name: &'static str| -> Result<Option<usize>> {
@@ -156,14 +163,9 @@ impl LaunchEnv {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> LaunchEnv {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        LaunchEnv::from_lookup(|k| map.get(k).cloned()).unwrap()
+        LaunchEnv::from_pairs(pairs)
     }
 
     #[test]
