@@ -248,21 +248,9 @@ mod tests {
 
     #[test]
     fn the_device_path_sums_each_bucket_once_and_restores_shapes_and_dtypes() {
-        let device = Device::Cpu;
-        let mut grads = BTreeMap::new();
-        let shapes: [(&str, &[usize]); 4] =
-            [("a", &[3]), ("b", &[2, 2]), ("c", &[5]), ("d", &[11])];
-        for (i, (name, shape)) in shapes.iter().enumerate() {
-            let n: usize = shape.iter().product();
-            let values: Vec<f32> = (0..n).map(|j| (i * 100 + j) as f32 + 0.25).collect();
-            grads.insert(
-                name.to_string(),
-                Tensor::from_vec(values, *shape, &device).unwrap(),
-            );
-        }
-        // Non-contiguous, another dtype, and two names sharing one storage (as backward hands
+        let mut grads = odd_shaped_grads(0.25);
+        // Non-contiguous (b), another dtype, and two names sharing one storage (as backward hands
         // one tensor to both inputs of an addition): each must be summed exactly once.
-        grads.insert("b".into(), grads["b"].t().unwrap());
         grads.insert("c".into(), grads["c"].to_dtype(DType::F64).unwrap());
         grads.insert("e".into(), grads["d"].clone());
         let before: BTreeMap<String, Vec<f32>> = grads
@@ -338,22 +326,28 @@ mod tests {
         assert_eq!(plan_buckets(&[9, 9], 8), vec![0..1, 1..2]);
     }
 
-    #[test]
-    fn gradients_are_summed_bucket_by_bucket_and_keep_their_shapes() {
-        let device = Device::Cpu;
+    /// Gradients of odd sizes (3, 2×2, 5, 11: one larger than an 8-element bucket), `b`
+    /// transposed so it is not contiguous; element j of the i-th is `i·100 + j + offset`.
+    fn odd_shaped_grads(offset: f32) -> BTreeMap<String, Tensor> {
         let mut grads = BTreeMap::new();
-        // Odd sizes, a non-contiguous tensor and one larger than a bucket.
         let shapes: [(&str, &[usize]); 4] =
             [("a", &[3]), ("b", &[2, 2]), ("c", &[5]), ("d", &[11])];
         for (i, (name, shape)) in shapes.iter().enumerate() {
             let n: usize = shape.iter().product();
-            let values: Vec<f32> = (0..n).map(|j| (i * 100 + j) as f32 + 0.5).collect();
+            let values: Vec<f32> = (0..n).map(|j| (i * 100 + j) as f32 + offset).collect();
             grads.insert(
                 name.to_string(),
-                Tensor::from_vec(values, *shape, &device).unwrap(),
+                Tensor::from_vec(values, *shape, &Device::Cpu).unwrap(),
             );
         }
         grads.insert("b".into(), grads["b"].t().unwrap());
+        grads
+    }
+
+    #[test]
+    fn gradients_are_summed_bucket_by_bucket_and_keep_their_shapes() {
+        // Odd sizes, a non-contiguous tensor and one larger than a bucket.
+        let mut grads = odd_shaped_grads(0.5);
         let before: BTreeMap<String, Vec<f32>> = grads
             .iter()
             .map(|(n, t)| (n.clone(), t.flatten_all().unwrap().to_vec1().unwrap()))
