@@ -11,23 +11,11 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-target/gpu-check}
 mkdir -p "$OUT"
-BIN=${FERROTUNE_BIN:-target/gpu/ferrotune}
-PY=${PYTHON:-python3}
-# The device tool carries at most 64 MiB: build.sh also leaves an xz copy (about 10 MB).
-if [ ! -x "$BIN" ] && [ -f target/gpu-carry/ferrotune.xz ]; then
-  BIN=/tmp/ferrotune-cuda
-  $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-    target/gpu-carry/ferrotune.xz $BIN && chmod +x $BIN
-fi
+. scripts/gpu/runtime.sh   # PY, BIN, LD_LIBRARY_PATH
 SEQ=${SEQ_LEN:-2048}
 LOG=$OUT/gpu-check.log
 exec > >(tee "$LOG") 2>&1
 
-# The CUDA runtime libraries the binary links (cublas, cublasLt, cudart, curand) come from the
-# machine's PyTorch install.
-NV=$($PY -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null)/nvidia
-LIBS=$(find "$NV" -maxdepth 3 -type d -name lib 2>/dev/null | tr '\n' ':')
-export LD_LIBRARY_PATH="${LIBS}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $BIN --version || { echo "check.sh: $BIN does not start (missing libraries?)"; ldd "$BIN" | grep 'not found'; exit 1; }
 

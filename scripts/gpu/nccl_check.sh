@@ -17,22 +17,11 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-target/nccl-check}
 mkdir -p "$OUT"
-BIN=${FERROTUNE_BIN:-target/gpu/ferrotune}
-PY=${PYTHON:-python3}
-if [ ! -x "$BIN" ] && [ -f target/gpu-carry/ferrotune.xz ]; then
-  BIN=/tmp/ferrotune-cuda
-  $PY -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
-    target/gpu-carry/ferrotune.xz $BIN && chmod +x $BIN
-fi
+. scripts/gpu/runtime.sh   # PY, BIN, LD_LIBRARY_PATH (libnccl.so.2 included)
 exec > >(tee "$OUT/nccl-check.log") 2>&1
 WORK=${WORK:-/tmp/nccl-check}
 rm -rf "$WORK" && mkdir -p "$WORK"
 
-# libnccl.so.2 and the CUDA runtime libraries come from the machine's PyTorch install
-# (site-packages/nvidia/{nccl,cu13,…}/lib).
-NV=$($PY -c 'import nvidia, os; print(os.path.dirname(list(nvidia.__path__)[0]))' 2>/dev/null)/nvidia
-LIBS=$(find "$NV" -maxdepth 3 -type d -name lib 2>/dev/null | tr '\n' ':')
-export LD_LIBRARY_PATH="${LIBS}/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ldd "$BIN" | grep -E 'nccl|not found'
 $BIN --version || { echo "nccl_check.sh: $BIN does not start (missing libraries?)"; exit 1; }
