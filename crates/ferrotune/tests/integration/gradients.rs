@@ -4,23 +4,53 @@
 
 use std::collections::BTreeMap;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use ferrotune::model::ops::log_softmax_last_dim;
 use ferrotune::model::Decoder;
+use ferrotune::model::ModelConfig;
 
 use crate::{load_fixture, MODELS};
+
+/// The fixture model's parameters as trainable variables, with its config.
+fn fixture_vars(name: &str) -> (ModelConfig, BTreeMap<String, Var>) {
+    let loaded = load_fixture(name);
+    let config = loaded.decoder.config().clone();
+    let vars = loaded
+        .decoder
+        .params()
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    (config, vars)
+}
+
+/// Every variable has a gradient with a finite, non-zero norm.
+fn assert_every_gradient_nonzero(name: &str, vars: &BTreeMap<String, Var>, grads: &GradStore) {
+    for (n, v) in vars {
+        let g = grads
+            .get(v.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
+        let norm = g
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            norm > 0.0 && norm.is_finite(),
+            "{name}: gradient of {n} is {norm}"
+        );
+    }
+}
 
 #[test]
 fn every_parameter_gets_a_nonzero_gradient() {
     for name in MODELS {
-        let loaded = load_fixture(name);
-        let config = loaded.decoder.config().clone();
-        let vars: BTreeMap<String, Var> = loaded
-            .decoder
-            .params()
-            .iter()
-            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
-            .collect();
+        let (config, vars) = fixture_vars(name);
         let params = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
@@ -59,24 +89,7 @@ fn every_parameter_gets_a_nonzero_gradient() {
             .neg()
             .unwrap();
         let grads = loss.backward().unwrap();
-        for (n, v) in &vars {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
-            let norm = g
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{name}: gradient of {n} is {norm}"
-            );
-        }
+        assert_every_gradient_nonzero(name, &vars, &grads);
     }
 }
 
@@ -88,14 +101,7 @@ fn every_parameter_gets_a_nonzero_gradient_under_cpu_bf16_autocast() {
     use ferrotune::train::trainer::compute_decoder;
 
     for name in MODELS {
-        let loaded = load_fixture(name);
-        let config = loaded.decoder.config().clone();
-        let vars: BTreeMap<String, Var> = loaded
-            .decoder
-            .params()
-            .iter()
-            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
-            .collect();
+        let (config, vars) = fixture_vars(name);
         let decoder = compute_decoder(&config, &vars, DType::BF16).unwrap();
         assert!(
             decoder.bf16_linears(),
@@ -117,22 +123,7 @@ fn every_parameter_gets_a_nonzero_gradient_under_cpu_bf16_autocast() {
         let (logp, _) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored, true).unwrap();
         let loss = logp.sum_all().unwrap().neg().unwrap();
         let grads = loss.backward().unwrap();
-        for (n, v) in &vars {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {n}"));
-            let norm = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                norm > 0.0 && norm.is_finite(),
-                "{name}: gradient of {n} is {norm}"
-            );
-        }
+        assert_every_gradient_nonzero(name, &vars, &grads);
     }
 }
 
@@ -167,14 +158,7 @@ fn sft_loss_gradients_match_transformers() {
     let (b, t) = (ids.len(), ids[0].len());
     let flat = |v: &[Vec<u32>]| Tensor::from_vec(v.concat(), (b, t), &Device::Cpu).unwrap();
     for (name, reference) in fixture["models"].as_object().unwrap() {
-        let loaded = load_fixture(name);
-        let config = loaded.decoder.config().clone();
-        let vars: BTreeMap<String, Var> = loaded
-            .decoder
-            .params()
-            .iter()
-            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
-            .collect();
+        let (config, vars) = fixture_vars(name);
         let params = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
