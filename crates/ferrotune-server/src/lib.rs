@@ -74,6 +74,8 @@ pub struct ServeConfig {
     /// Most choices (`n`) per request.
     pub max_n: usize,
     pub device: Device,
+    /// Compute precision; bf16 on the CPU keeps f32 weights and runs every linear through the
+    /// bf16 GEMM (`ferrotune::io::load_model_for`).
     pub dtype: DType,
 }
 
@@ -279,7 +281,7 @@ pub fn serve(config: ServeConfig) -> anyhow::Result<()> {
 fn load(
     config: &ServeConfig,
 ) -> anyhow::Result<(Arc<AppState>, Engine, std::sync::mpsc::Receiver<Job>)> {
-    let model = ferrotune::io::load_model(&config.model, config.dtype, &config.device)
+    let model = ferrotune::io::load_model_for(&config.model, config.dtype, &config.device)
         .with_context(|| format!("loading {}", config.model.display()))?;
     let tokenizer = model.tokenizer.ok_or_else(|| {
         anyhow::anyhow!(

@@ -490,3 +490,64 @@ fn a_reward_model_answers_reward_content() {
     );
     assert!(error_message(st, &text, 400).contains("reward model"));
 }
+
+#[test]
+fn a_bf16_server_decodes_as_the_bf16_library_path() {
+    use ferrotune::infer::generate::{generate, GenerateOptions, Prompt};
+    use ferrotune::infer::sampler::SamplingParams;
+    let max_tokens = 48;
+    let greedy = |dtype: DType, text: &str| {
+        let model = ferrotune::io::load_model_for(&tiny(), dtype, &Device::Cpu).unwrap();
+        let tok = model.tokenizer.as_ref().unwrap();
+        let options = GenerateOptions {
+            params: SamplingParams {
+                temperature: 0.0,
+                max_new_tokens: max_tokens,
+                ..Default::default()
+            },
+            seed: 0,
+            stop_ids: tok.stop_token_ids.clone(),
+            batch_size: 1,
+            tokenizer: None,
+            capture_after_stop: None,
+        };
+        let ids = tok.encode(text, true).unwrap();
+        let prompt = Prompt {
+            ids,
+            item: 0,
+            n: 1,
+            first_sample: 0,
+        };
+        let mut gen = generate(&model.decoder, &[prompt], &options).unwrap()[0]
+            .ids
+            .clone();
+        if gen.last().is_some_and(|t| options.stop_ids.contains(t)) {
+            gen.pop();
+        }
+        tok.decode(&gen, true).unwrap()
+    };
+    // A prompt whose greedy text differs between f32 and bf16 autocast, so that the check
+    // below tells which model the server loaded.
+    let prompt = [
+        "Once upon a time",
+        "The cat",
+        "a b c",
+        "Hello there",
+        "1 2 3 4",
+        "Why",
+    ]
+    .into_iter()
+    .find(|p| greedy(DType::F32, p) != greedy(DType::BF16, p))
+    .expect("a prompt whose greedy text differs between f32 and bf16");
+
+    let s = server(&tiny(), |c| c.dtype = DType::BF16);
+    let body =
+        json!({"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0});
+    let (st, text) = post(&s, "/completions", &body.to_string(), None);
+    assert_eq!(st, 200, "{text}");
+    let served = json_of(&text)["choices"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(served, greedy(DType::BF16, prompt));
+}

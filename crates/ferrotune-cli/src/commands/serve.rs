@@ -39,6 +39,10 @@ pub struct Args {
     /// Most requests in progress; more get HTTP 503.
     #[arg(long, default_value_t = 1024)]
     max_queue: usize,
+    /// Compute precision: f32, or bf16 (on the CPU: f32 weights, every linear through the bf16
+    /// GEMM with weight panels packed once, as `generate --precision bf16`).
+    #[arg(long, default_value = "f32")]
+    precision: String,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -53,5 +57,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     config.max_batch_size = args.max_batch_size;
     config.max_queue = args.max_queue;
     config.device = super::device()?;
+    config.dtype = ferrotune::io::checkpoint::parse_dtype(&args.precision)?;
     ferrotune_server::serve(config)
 }
