@@ -25,6 +25,17 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(exp.broadcast_div(&sum)?)
 }
 
+/// Attention probabilities `softmax(scale · scores + mask)` over the last dimension: `scores`
+/// [B, H, T, S], `mask` an additive bias broadcast over them ([B, 1, T, S]).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)
+}
+
+/// The SwiGLU activation of the Llama/Qwen2 MLP: `silu(gate) ⊙ up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
+}
+
 /// Log-softmax over the last dimension (stable, differentiable).
 pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
