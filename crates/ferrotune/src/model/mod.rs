@@ -6,6 +6,7 @@ pub mod bf16_linear;
 pub mod config;
 pub mod decoder;
 pub mod fused;
+pub mod fused_softmax;
 pub mod init;
 pub mod kv_cache;
 pub mod ops;
