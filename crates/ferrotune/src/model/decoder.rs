@@ -20,6 +20,7 @@ use super::bf16_linear;
 use super::config::{Head, ModelConfig};
 use super::fused;
 use super::fused_softmax;
+use super::fused_swiglu;
 use super::kv_cache::KvCache;
 use super::ops;
 use super::params::parameter_specs;
@@ -482,9 +483,9 @@ impl Decoder {
     }
 
     fn mlp(&self, m: &Mlp, x: &Tensor, step: bool) -> Result<Tensor> {
-        let gate = self.linear(x, &m.gate, step)?.silu()?;
+        let gate = self.linear(x, &m.gate, step)?;
         let up = self.linear(x, &m.up, step)?;
-        self.linear(&(gate * up)?, &m.down, step)
+        self.linear(&fused_swiglu::swiglu(&gate, &up)?, &m.down, step)
     }
 }
 

@@ -7,6 +7,7 @@ pub mod config;
 pub mod decoder;
 pub mod fused;
 pub mod fused_softmax;
+pub mod fused_swiglu;
 pub mod init;
 pub mod kv_cache;
 pub mod ops;
