@@ -19,6 +19,7 @@ use super::bf16_gemm::{self, Operand, PackedB};
 use super::bf16_linear;
 use super::config::{Head, ModelConfig};
 use super::fused;
+use super::fused_rope;
 use super::fused_softmax;
 use super::fused_swiglu;
 use super::kv_cache::KvCache;
@@ -444,8 +445,9 @@ impl Decoder {
                 .reshape((b, t, n, c.head_dim))?
                 .transpose(1, 2)?)
         };
-        let q = ops::apply_rotary(&heads(&a.q, c.num_attention_heads)?, cos, sin)?;
-        let k = ops::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
+        // The fused rotary reads the transposed heads in place; its output is contiguous.
+        let q = fused_rope::apply_rotary(&heads(&a.q, c.num_attention_heads)?, cos, sin)?;
+        let k = fused_rope::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
         let v = heads(&a.v, c.num_key_value_heads)?.contiguous()?;
         Ok((q, k, v))
     }

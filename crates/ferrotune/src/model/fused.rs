@@ -12,6 +12,10 @@
 //! Both run on the CPU; on other devices they fall back to the composed differentiable ops in
 //! [`super::ops`] (same values). Every kernel is tested against that composed reference, values
 //! and gradients.
+//!
+//! The smaller elementwise kernels of a decoder layer have files of their own
+//! ([`super::fused_softmax`], [`super::fused_swiglu`], [`super::fused_rope`]) and share the
+//! helpers here: reading a CPU tensor's f32 contents and splitting rows over rayon's pool.
 
 use std::sync::{Arc, Mutex};
 

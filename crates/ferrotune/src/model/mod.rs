@@ -6,6 +6,7 @@ pub mod bf16_linear;
 pub mod config;
 pub mod decoder;
 pub mod fused;
+pub mod fused_rope;
 pub mod fused_softmax;
 pub mod fused_swiglu;
 pub mod init;
