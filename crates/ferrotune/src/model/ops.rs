@@ -3,7 +3,9 @@
 //!
 //! candle-nn's fused kernels (`softmax_last_dim`, `rms_norm`, `rope`) return tensors with no
 //! gradient path, so backward would "succeed" and train nothing upstream. Everything the
-//! training path touches is here instead; inference may use the fused kernels (see `fast`).
+//! training path touches is here instead, or in the model's own fused CPU kernels
+//! (`fused*.rs` beside this file: they have a backward pass, fall back to these ops off the CPU,
+//! and are tested against them); inference may use candle-nn's kernels (see `fast`).
 
 use candle_core::{Tensor, D};
 
