@@ -19,6 +19,9 @@ use super::bf16_gemm::{self, Operand, PackedB};
 use super::bf16_linear;
 use super::config::{Head, ModelConfig};
 use super::fused;
+use super::fused_rope;
+use super::fused_softmax;
+use super::fused_swiglu;
 use super::kv_cache::KvCache;
 use super::ops;
 use super::params::parameter_specs;
@@ -27,7 +30,7 @@ use crate::error::{Error, Result};
 
 /// A large negative additive bias for masked attention scores. Finite (not -inf) so that a
 /// query row whose keys are all masked (a padding position) gives a uniform row, not NaN.
-const MASKED: f32 = -1e9;
+pub(super) const MASKED: f32 = -1e9;
 
 /// A linear layer's weight [out, in] and bias.
 struct Proj {
@@ -442,8 +445,9 @@ impl Decoder {
                 .reshape((b, t, n, c.head_dim))?
                 .transpose(1, 2)?)
         };
-        let q = ops::apply_rotary(&heads(&a.q, c.num_attention_heads)?, cos, sin)?;
-        let k = ops::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
+        // The fused rotary reads the transposed heads in place; its output is contiguous.
+        let q = fused_rope::apply_rotary(&heads(&a.q, c.num_attention_heads)?, cos, sin)?;
+        let k = fused_rope::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
         let v = heads(&a.v, c.num_key_value_heads)?.contiguous()?;
         Ok((q, k, v))
     }
@@ -466,13 +470,12 @@ impl Decoder {
         let s = k.dim(2)?;
         let scale = 1.0 / (d as f64).sqrt();
         let q = q.contiguous()?.reshape((b, kv, groups * t, d))?;
-        let scores = (q.matmul(&k.t()?)? * scale)?
-            .reshape((b, h, t, s))?
-            .broadcast_add(mask)?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
         let probs = if fused {
-            ops::fast::softmax_last_dim(&scores)?
+            ops::fast::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
         } else {
-            ops::softmax_last_dim(&scores)?
+            // Scale, mask and softmax in one differentiable kernel (composed off the CPU).
+            fused_softmax::masked_softmax(&scores, mask, scale)?
         };
         let out = probs.reshape((b, kv, groups * t, s))?.matmul(v)?;
         Ok(out
@@ -482,9 +485,9 @@ impl Decoder {
     }
 
     fn mlp(&self, m: &Mlp, x: &Tensor, step: bool) -> Result<Tensor> {
-        let gate = self.linear(x, &m.gate, step)?.silu()?;
+        let gate = self.linear(x, &m.gate, step)?;
         let up = self.linear(x, &m.up, step)?;
-        self.linear(&(gate * up)?, &m.down, step)
+        self.linear(&fused_swiglu::swiglu(&gate, &up)?, &m.down, step)
     }
 }
 

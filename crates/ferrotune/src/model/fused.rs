@@ -12,6 +12,10 @@
 //! Both run on the CPU; on other devices they fall back to the composed differentiable ops in
 //! [`super::ops`] (same values). Every kernel is tested against that composed reference, values
 //! and gradients.
+//!
+//! The smaller elementwise kernels of a decoder layer have files of their own
+//! ([`super::fused_softmax`], [`super::fused_swiglu`], [`super::fused_rope`]) and share the
+//! helpers here: reading a CPU tensor's f32 contents and splitting rows over rayon's pool.
 
 use std::sync::{Arc, Mutex};
 
@@ -44,7 +48,7 @@ pub(super) fn f32_slice<'a>(
 }
 
 /// Runs `f` on the f32 contents of a contiguous CPU tensor.
-fn with_f32<R>(
+pub(super) fn with_f32<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
@@ -52,6 +56,59 @@ fn with_f32<R>(
     match &*storage {
         Storage::Cpu(cpu) => f(f32_slice(cpu, layout)?),
         _ => Err(cpu_error("fused kernel tensor is not on the CPU")),
+    }
+}
+
+/// Outputs smaller than this are computed on the calling thread: for a few thousand elements,
+/// handing half to the other rayon worker costs more than the work it takes over.
+const PARALLEL_MIN_ELEMENTS: usize = 1 << 15;
+
+/// Elements per parallel task: enough whole rows for about this many elements.
+const TASK_ELEMENTS: usize = 1 << 13;
+
+/// Whole rows of `row_len` per task, about [`TASK_ELEMENTS`] elements in all.
+fn task_len(row_len: usize) -> usize {
+    let row_len = row_len.max(1);
+    row_len * (TASK_ELEMENTS / row_len).max(1)
+}
+
+/// Runs `f(offset, block)` on consecutive blocks of whole rows of `out` (`offset`: the block's
+/// first element), over rayon's pool when `out` is large enough to pay for it.
+pub(super) fn for_each_rows(
+    out: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [f32]) + Send + Sync,
+) {
+    let task = task_len(row_len);
+    if out.len() >= PARALLEL_MIN_ELEMENTS {
+        out.par_chunks_mut(task)
+            .enumerate()
+            .for_each(|(i, block)| f(i * task, block));
+    } else {
+        out.chunks_mut(task)
+            .enumerate()
+            .for_each(|(i, block)| f(i * task, block));
+    }
+}
+
+/// [`for_each_rows`] over two outputs of one length, split at the same places.
+pub(super) fn for_each_rows2(
+    a: &mut [f32],
+    b: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [f32], &mut [f32]) + Send + Sync,
+) {
+    let task = task_len(row_len);
+    if a.len() >= PARALLEL_MIN_ELEMENTS {
+        a.par_chunks_mut(task)
+            .zip(b.par_chunks_mut(task))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i * task, x, y));
+    } else {
+        a.chunks_mut(task)
+            .zip(b.chunks_mut(task))
+            .enumerate()
+            .for_each(|(i, (x, y))| f(i * task, x, y));
     }
 }
 
@@ -535,15 +592,9 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_tensors::{max_abs_diff, random};
+    use super::super::test_tensors::{max_abs_diff, random, weighted_sum};
     use super::*;
     use candle_core::{Device, Var};
-
-    /// Loss weights that are not all equal, so a wrong gradient cannot cancel out.
-    fn weighted_sum(t: &Tensor, seed: u64) -> Tensor {
-        let w = random(t.dims(), seed, 1.0);
-        (t * w).unwrap().sum_all().unwrap()
-    }
 
     #[test]
     fn head_logprobs_match_composed_values_and_gradients() {

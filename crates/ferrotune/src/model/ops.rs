@@ -3,7 +3,9 @@
 //!
 //! candle-nn's fused kernels (`softmax_last_dim`, `rms_norm`, `rope`) return tensors with no
 //! gradient path, so backward would "succeed" and train nothing upstream. Everything the
-//! training path touches is here instead; inference may use the fused kernels (see `fast`).
+//! training path touches is here instead, or in the model's own fused CPU kernels
+//! (`fused*.rs` beside this file: they have a backward pass, fall back to these ops off the CPU,
+//! and are tested against them); inference may use candle-nn's kernels (see `fast`).
 
 use candle_core::{Tensor, D};
 
@@ -23,6 +25,17 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let exp = x.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
     Ok(exp.broadcast_div(&sum)?)
+}
+
+/// Attention probabilities `softmax(scale · scores + mask)` over the last dimension: `scores`
+/// [B, H, T, S], `mask` an additive bias broadcast over them ([B, 1, T, S]).
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)
+}
+
+/// The SwiGLU activation of the Llama/Qwen2 MLP: `silu(gate) ⊙ up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    Ok((gate.silu()? * up)?)
 }
 
 /// Log-softmax over the last dimension (stable, differentiable).

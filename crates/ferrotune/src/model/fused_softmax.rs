@@ -1,0 +1,211 @@
+//! The attention softmax of training, `softmax(scale · scores + mask)`, as one CPU kernel with
+//! its own backward pass.
+//!
+//! Composed, it is seven tensors each way (scale, mask add, max, subtract, exp, sum, divide),
+//! each a walk over the `[B, H, T, S]` scores; at the 5M benchmark shape those walks were a
+//! quarter of a training step. Here the forward is one pass per row and the backward one more,
+//! from the saved probabilities alone.
+//!
+//! This is not the inference softmax: decoding keeps candle-nn's kernel (no gradient needed).
+//! Off the CPU or outside f32 it is [`ops::masked_softmax`], the composed reference it is
+//! tested against.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
+
+use super::fused::{f32_slice, for_each_rows, with_f32};
+use super::ops;
+use crate::error::{Error, Result};
+
+/// `exp(d)` is exactly 0 in f32 below this (the smallest subnormal is `e^-103.3`), so masked
+/// keys (`d` near −1e9) skip the call to `exp`: half the scores of a causal mask.
+const EXP_UNDERFLOW: f32 = -104.0;
+
+struct MaskedSoftmax {
+    scale: f32,
+    /// Query heads sharing one mask row (the mask is [B, 1, T, S]).
+    heads: usize,
+    /// Queries per head (T).
+    queries: usize,
+    /// Keys per row (S).
+    keys: usize,
+}
+
+impl MaskedSoftmax {
+    /// The mask row of scores row `row` (rows ordered b, h, t).
+    fn mask_row<'a>(&self, mask: &'a [f32], row: usize) -> &'a [f32] {
+        let (t, s) = (self.queries, self.keys);
+        let b = row / (self.heads * t);
+        let m = b * t + row % t;
+        &mask[m * s..(m + 1) * s]
+    }
+
+    fn forward(&self, scores: &[f32], mask: &[f32]) -> Vec<f32> {
+        let s = self.keys;
+        let mut probs = vec![0f32; scores.len()];
+        for_each_rows(&mut probs, s, |offset, block| {
+            for (i, y) in block.chunks_mut(s).enumerate() {
+                let row = offset / s + i;
+                let x = &scores[row * s..(row + 1) * s];
+                let m = self.mask_row(mask, row);
+                let mut max = f32::NEG_INFINITY;
+                for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
+                    *y = x * self.scale + m;
+                    max = max.max(*y);
+                }
+                // A row whose keys are all masked has every value near MASKED, so `max` is
+                // finite and the row comes out uniform, as the composed softmax gives it.
+                let mut sum = 0f32;
+                for y in y.iter_mut() {
+                    let d = *y - max;
+                    *y = if d < EXP_UNDERFLOW { 0.0 } else { d.exp() };
+                    sum += *y;
+                }
+                let inv = 1.0 / sum;
+                for y in y.iter_mut() {
+                    *y *= inv;
+                }
+            }
+        });
+        probs
+    }
+
+    /// `d scores = scale · y ⊙ (dy − Σ_row dy ⊙ y)`: the softmax Jacobian applied to `dy`,
+    /// times the scale the scores were multiplied by. The mask's gradient is not needed.
+    fn backward(&self, probs: &[f32], grad: &[f32]) -> Vec<f32> {
+        let s = self.keys;
+        let mut dx = vec![0f32; probs.len()];
+        for_each_rows(&mut dx, s, |offset, block| {
+            let y = &probs[offset..offset + block.len()];
+            let dy = &grad[offset..offset + block.len()];
+            for ((dx, y), dy) in block.chunks_mut(s).zip(y.chunks(s)).zip(dy.chunks(s)) {
+                let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                    *dx = self.scale * y * (dy - dot);
+                }
+            }
+        });
+        dx
+    }
+}
+
+impl CustomOp2 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let probs = self.forward(f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        Ok((CpuStorage::F32(probs), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _scores: &Tensor,
+        _mask: &Tensor,
+        probs: &Tensor,
+        grad_probs: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_probs.contiguous()?;
+        let dx = with_f32(probs, |y| with_f32(&grad, |dy| Ok(self.backward(y, dy))))?;
+        let dx = Tensor::from_vec(dx, probs.shape(), probs.device())?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// Attention probabilities `softmax(scale · scores + mask)` over the last dimension, with a
+/// gradient for `scores` [B, H, T, S] only; `mask` [B, 1, T, S] is an additive bias shared by
+/// the heads (finite, so a fully masked row is uniform rather than NaN). One fused kernel each
+/// way on the CPU in f32; the composed [`ops::masked_softmax`] elsewhere.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let on_cpu = scores.device().is_cpu() && mask.device().is_cpu();
+    if !on_cpu || scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
+        return ops::masked_softmax(scores, mask, scale);
+    }
+    let (b, h, t, s) = scores.dims4()?;
+    if mask.dims() != [b, 1, t, s] {
+        return Err(Error::invalid(format!(
+            "masked_softmax: mask {:?} does not fit scores {:?} (expected [{b}, 1, {t}, {s}])",
+            mask.dims(),
+            scores.dims()
+        )));
+    }
+    let op = MaskedSoftmax {
+        scale: scale as f32,
+        heads: h,
+        queries: t,
+        keys: s,
+    };
+    Ok(scores.contiguous()?.apply_op2(&mask.contiguous()?, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::decoder::MASKED;
+    use super::super::test_tensors::{max_abs_diff, random, weighted_sum};
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// A causal mask over `s` keys for the last `t` queries, [b, 1, t, s], with padded keys
+    /// after `valid[b]` and, in batch row 0, query 1 seeing nothing at all.
+    fn mask(b: usize, t: usize, s: usize, valid: &[usize]) -> Tensor {
+        let mut data = Vec::with_capacity(b * t * s);
+        for (row, &valid) in valid.iter().enumerate().take(b) {
+            for i in 0..t {
+                for j in 0..s {
+                    let visible = j < valid && j <= s - t + i && !(row == 0 && i == 1);
+                    data.push(if visible { 0.0 } else { MASKED });
+                }
+            }
+        }
+        Tensor::from_vec(data, (b, 1, t, s), &Device::Cpu).unwrap()
+    }
+
+    fn check_against_composed(dims: [usize; 4], scale: f64) {
+        let [b, _, t, s] = dims;
+        let scores = Var::from_tensor(&random(&dims, 31, 4.0)).unwrap();
+        let valid: Vec<usize> = (0..b).map(|r| s - r % 3).collect();
+        let mask = mask(b, t, s, &valid);
+        let fused = masked_softmax(scores.as_tensor(), &mask, scale).unwrap();
+        let reference = ops::masked_softmax(scores.as_tensor(), &mask, scale).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-6);
+        // The fully masked query is uniform over all keys, in every head.
+        let dead = fused.get(0).unwrap().narrow(1, 1, 1).unwrap();
+        let uniform = (dead.ones_like().unwrap() / s as f64).unwrap();
+        assert!(max_abs_diff(&dead, &uniform) < 1e-7, "{dead}");
+        let gf = weighted_sum(&fused, 32).backward().unwrap();
+        let gr = weighted_sum(&reference, 32).backward().unwrap();
+        let a = gf.get(scores.as_tensor()).unwrap();
+        let r = gr.get(scores.as_tensor()).unwrap();
+        assert!(max_abs_diff(a, r) < 1e-5, "{}", max_abs_diff(a, r));
+        assert!(max_abs_diff(r, &r.zeros_like().unwrap()) > 1e-3);
+    }
+
+    #[test]
+    fn masked_softmax_matches_composed_values_and_gradients() {
+        check_against_composed([2, 3, 5, 7], 1.0 / 6f64.sqrt());
+    }
+
+    /// Large enough to be split over rayon's workers, in blocks that cut no row.
+    #[test]
+    fn masked_softmax_matches_composed_when_parallel() {
+        check_against_composed([2, 3, 67, 131], 0.125);
+    }
+
+    #[test]
+    fn masked_softmax_takes_the_composed_path_in_bf16() {
+        let scores = random(&[1, 2, 3, 4], 33, 2.0);
+        let mask = mask(1, 3, 4, &[4]);
+        let f32_probs = masked_softmax(&scores, &mask, 0.5).unwrap();
+        let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let probs = masked_softmax(&bf16(&scores), &bf16(&mask), 0.5).unwrap();
+        assert_eq!(probs.dtype(), DType::BF16);
+        let probs = probs.to_dtype(DType::F32).unwrap();
+        assert!(max_abs_diff(&probs, &f32_probs) < 1e-2);
+    }
+}
