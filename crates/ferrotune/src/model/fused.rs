@@ -514,9 +514,11 @@ impl RmsNorm {
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let h = self.hidden_size;
         let mut dx = vec![0f32; x.len()];
-        // Rows in blocks, each block with its own partial dw, summed at the end.
+        // Rows in blocks, each block with its own partial dw, summed at the end in block order:
+        // rayon's `reduce` combines partials in whatever tree work-stealing produced, so float
+        // sums (and everything trained after them) differed between two runs of one seed.
         const BLOCK: usize = 32;
-        let dw = dx
+        let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(h * BLOCK)
             .zip(x.par_chunks(h * BLOCK).zip(dy.par_chunks(h * BLOCK)))
             .map(|(dx_block, (x_block, dy_block))| {
@@ -536,15 +538,13 @@ impl RmsNorm {
                 }
                 dw
             })
-            .reduce(
-                || vec![0f32; h],
-                |mut a, b| {
-                    for (x, y) in a.iter_mut().zip(b) {
-                        *x += y;
-                    }
-                    a
-                },
-            );
+            .collect();
+        let mut dw = vec![0f32; h];
+        for partial in partials {
+            for (x, y) in dw.iter_mut().zip(partial) {
+                *x += y;
+            }
+        }
         (dx, dw)
     }
 }
