@@ -197,8 +197,8 @@ fn inverse(c: i64, op: Op, b: i64, prev: i64, wording: Wording) -> (String, bool
 /// as the two digits side by side (`v = 10`, `p = 11` → ` vs 11: 11 01`), so the verdict that
 /// follows reads "every pair is a doubled digit": a comparison of adjacent tokens. A tiny
 /// verifier asked to compare `10 vs 11` directly learned only whether the lengths differ and
-/// said `ok` to 88 % of wrong steps; with the pairs it says `no` to most of them (the quickstart
-/// world's held-out AUC went from 0.64 to 0.94 at the same 600 steps).
+/// said `ok` to 88 % of wrong steps; with the pairs, greedy verdicts on 1,600 held-out policy
+/// samples went from 51 % to 93 % right (same 600 steps, same rows; K = 8 AUC 0.94).
 fn compare(v: i64, p: i64) -> String {
     let (vs, ps) = (v.to_string(), p.to_string());
     let width = vs.len().max(ps.len());
