@@ -496,8 +496,14 @@ fn a_bf16_server_decodes_as_the_bf16_library_path() {
     use ferrotune::infer::generate::{generate, GenerateOptions, Prompt};
     use ferrotune::infer::sampler::SamplingParams;
     let max_tokens = 48;
+    let load = |dtype| ferrotune::io::load_model_for(&tiny(), dtype, &Device::Cpu).unwrap();
+    let (f32_model, bf16_model) = (load(DType::F32), load(DType::BF16));
     let greedy = |dtype: DType, text: &str| {
-        let model = ferrotune::io::load_model_for(&tiny(), dtype, &Device::Cpu).unwrap();
+        let model = if dtype == DType::BF16 {
+            &bf16_model
+        } else {
+            &f32_model
+        };
         let tok = model.tokenizer.as_ref().unwrap();
         let options = GenerateOptions {
             params: SamplingParams {
