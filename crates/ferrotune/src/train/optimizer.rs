@@ -39,6 +39,21 @@ impl AdamW {
         }
     }
 
+    /// Allocates zero moments for every parameter now, before the first step. Lazily created
+    /// moments (torch's way) take their memory from what the first step's activations freed, so
+    /// the second step's activations land on fresh pages the kernel must fault in and zero:
+    /// at the 0.5B shape that made step 2 half as fast as step 3. Allocated up front, the
+    /// first step already has the steady-state footprint.
+    pub fn init_moments(&mut self, params: &BTreeMap<String, Var>) -> Result<()> {
+        for (name, var) in params {
+            if !self.moments.contains_key(name) {
+                let z = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                self.moments.insert(name.clone(), (z()?, z()?));
+            }
+        }
+        Ok(())
+    }
+
     /// One update of every parameter that has a gradient. `decays(name)` says whether weight
     /// decay applies to it.
     pub fn update(

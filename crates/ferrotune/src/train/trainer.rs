@@ -764,12 +764,13 @@ impl<'a> StepEngine<'a> {
             .into_iter()
             .map(|s| (s.name, s.kind.decays()))
             .collect();
-        let optimizer = AdamW::new(
+        let mut optimizer = AdamW::new(
             config.adam_beta1,
             config.adam_beta2,
             config.adam_epsilon,
             config.weight_decay,
         );
+        optimizer.init_moments(&vars)?;
         Ok(StepEngine {
             runner,
             model_config,

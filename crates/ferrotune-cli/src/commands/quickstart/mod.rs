@@ -160,6 +160,22 @@ impl Profile {
             (false, other) => anyhow::bail!("--profile must be default or long, got `{other}`"),
         })
     }
+
+    /// A stage's step count: its config's `max_steps` scaled by the profile, or the smoke
+    /// run's fixed count.
+    fn steps(&self, stage: &str, config_steps: f64) -> i64 {
+        match self.fixed_steps {
+            Some(n) => n as i64,
+            None => {
+                let scale = self
+                    .step_scale
+                    .iter()
+                    .find(|(s, _)| *s == stage)
+                    .map_or(1.0, |(_, x)| *x);
+                (config_steps * scale).round() as i64
+            }
+        }
+    }
 }
 
 struct Pipeline {
@@ -228,18 +244,7 @@ impl Pipeline {
             .get("max_steps")
             .and_then(|v| v.as_integer())
             .unwrap_or(100) as f64;
-        let steps = match self.profile.fixed_steps {
-            Some(n) => n as i64,
-            None => {
-                let scale = self
-                    .profile
-                    .step_scale
-                    .iter()
-                    .find(|(s, _)| *s == stage)
-                    .map_or(1.0, |(_, x)| *x);
-                (steps * scale).round() as i64
-            }
-        };
+        let steps = self.profile.steps(stage, steps);
         t.insert("max_steps".into(), steps.into());
         if self.profile.fixed_steps.is_some() {
             t.insert("val_check_interval".into(), 2.into());
@@ -294,11 +299,14 @@ fn chat_prompt(encoder: &Encoder, question: &str) -> anyhow::Result<Vec<u32>> {
 }
 
 /// Accuracy of one answer per problem (greedy at temperature 0), and the answers.
+/// `plain` asks with the GenRM solution prompt `Q: {question}\nA: ` (what the verifier's λ term
+/// trained it to solve from) instead of the chat template, and keeps the first line of the answer.
 fn accuracy(
     model: &LoadedModel,
     problems: &[(String, f64)],
     temperature: f64,
     seed: u64,
+    plain: bool,
 ) -> anyhow::Result<(f64, Vec<String>)> {
     let tokenizer = model.tokenizer()?;
     let encoder = Encoder::new(tokenizer)?;
@@ -307,7 +315,11 @@ fn accuracy(
         .enumerate()
         .map(|(i, (q, _))| {
             Ok(Prompt {
-                ids: chat_prompt(&encoder, q)?,
+                ids: if plain {
+                    encoder.encode(&ferrotune::synth::critique::correct_inputs(q), false)?
+                } else {
+                    chat_prompt(&encoder, q)?
+                },
                 item: i as u64,
                 n: 1,
                 first_sample: 0,
@@ -330,7 +342,14 @@ fn accuracy(
     let mut answers = Vec::with_capacity(problems.len());
     let mut right = 0usize;
     for c in &completions {
-        let text = tokenizer.decode(&c.ids, true)?.trim().to_string();
+        let text = tokenizer.decode(&c.ids, true)?;
+        let text = if plain {
+            text.lines().next().unwrap_or("")
+        } else {
+            &text
+        }
+        .trim()
+        .to_string();
         if extract_answer(&text)
             .is_some_and(|a| ferrotune::data::answers_match(a, problems[c.prompt].1))
         {
@@ -578,8 +597,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ("genrm", &genrm),
         ] {
             let model = load_model(dir, DType::F32, &device)?;
-            let (g, a) = accuracy(&model, &problems, 0.0, p.seed)?;
-            let (s, _) = accuracy(&model, &problems, 1.0, p.seed)?;
+            // The verifier's solving was trained on the plain prompt, never on chat turns.
+            let plain = name == "genrm";
+            let (g, a) = accuracy(&model, &problems, 0.0, p.seed, plain)?;
+            let (s, _) = accuracy(&model, &problems, 1.0, p.seed, plain)?;
             greedy.insert(name.into(), r4(g));
             sampled.insert(name.into(), r4(s));
             answers.insert(name, a);
@@ -764,6 +785,7 @@ fn write_report(
             report["greedy_accuracy"][stage], report["sampled_accuracy"][stage]
         ));
     }
+    md.push_str("\nThe genrm row asks with the prompt its solving term was trained on (`Q: …\\nA: `); the others with the chat template.\n");
     md.push_str(&format!("\n## Best-of-{} with the GenRM-CoT verifier (policy: DPO model, first {} held-out problems)\n\n", bon.n, bon.problems));
     md.push_str("| selection | accuracy | verifier tokens |\n|---|---|---|\n");
     md.push_str(&format!(
@@ -845,4 +867,26 @@ fn write_report(
     md.push_str("```\n");
     std::fs::write(dir.join("report.md"), md)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Profile;
+
+    #[test]
+    fn the_long_profile_scales_only_the_verifier() {
+        let default = Profile::new(false, "default").unwrap();
+        let long = Profile::new(false, "long").unwrap();
+        for stage in ["pretrain", "sft", "dpo", "rm"] {
+            assert_eq!(
+                long.steps(stage, 280.0),
+                default.steps(stage, 280.0),
+                "{stage}"
+            );
+        }
+        assert_eq!(default.steps("genrm", 560.0), 560);
+        assert_eq!(long.steps("genrm", 560.0), 2240);
+        assert_eq!(Profile::new(true, "long").unwrap().steps("genrm", 560.0), 4);
+        assert!(Profile::new(false, "huge").is_err());
+    }
 }
