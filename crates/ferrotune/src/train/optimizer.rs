@@ -81,7 +81,10 @@ impl AdamW {
             };
             if self.in_place && in_place(var, &g, &m, &v) {
                 // Each constant is rounded to f32 from the same f64 expression the composed ops
-                // use, and each kernel rounds in their order, so both paths give the same bits.
+                // use, and each kernel rounds in their order, so both paths give the same bits
+                // (except the sign of a zero: the composed ops' `+ 0.0` turns −0 into +0). An
+                // error in the last pass would leave m and v one step ahead of w; it can only
+                // come from a layout candle refuses, which `in_place` rules out.
                 m.inplace_op2(&g, &Moment::first(self.beta1))?;
                 v.inplace_op2(&g, &Moment::second(self.beta2))?;
                 var.as_tensor().inplace_op3(
@@ -150,10 +153,15 @@ impl AdamW {
 /// Whether the in-place CPU kernels can update this parameter: f32 contiguous tensors on the
 /// CPU. (The moments are this optimizer's own tensors; candle refuses an in-place op whose
 /// operands share storage, so an alias would be an error, never a wrong update.)
+/// The shapes must match too: the kernels walk the slices side by side, so a moment of the wrong
+/// shape (a hand-mixed checkpoint) must reach the composed ops, which report it.
 fn in_place(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    [var.as_tensor(), g, m, v]
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous())
+    [var.as_tensor(), g, m, v].iter().all(|t| {
+        t.device().is_cpu()
+            && t.dtype() == DType::F32
+            && t.is_contiguous()
+            && t.shape() == var.shape()
+    })
 }
 
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {

@@ -764,13 +764,12 @@ impl<'a> StepEngine<'a> {
             .into_iter()
             .map(|s| (s.name, s.kind.decays()))
             .collect();
-        let mut optimizer = AdamW::new(
+        let optimizer = AdamW::new(
             config.adam_beta1,
             config.adam_beta2,
             config.adam_epsilon,
             config.weight_decay,
         );
-        optimizer.init_moments(&vars)?;
         Ok(StepEngine {
             runner,
             model_config,
@@ -970,6 +969,7 @@ pub fn time_steps_with_allreduce(
         win_rate: None,
     };
     let mut engine = StepEngine::new(runner, decoder, dtype)?;
+    engine.optimizer.init_moments(&engine.vars)?;
     let batch: Vec<usize> = (0..config.batch_size.min(examples.len())).collect();
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
@@ -1110,6 +1110,8 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         state.world_size = Some(world.size());
         tracing::info!("resumed from {} at step {}", dir.display(), state.step);
     }
+    // After the resume, so a resumed run never holds zero moments beside the loaded ones.
+    engine.optimizer.init_moments(&engine.vars)?;
     let mut metrics = MetricsWriter::open(&run_dir, resume.as_ref().map(|_| state.step))?;
 
     let micro_per_step = config.accumulate_grad_batches;

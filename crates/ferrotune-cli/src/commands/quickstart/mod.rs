@@ -316,7 +316,7 @@ fn accuracy(
         .map(|(i, (q, _))| {
             Ok(Prompt {
                 ids: if plain {
-                    encoder.encode(&ferrotune::synth::critique::correct_inputs(q), false)?
+                    encoder.encode(&ferrotune::synth::critique::correct_inputs(q), true)?
                 } else {
                     chat_prompt(&encoder, q)?
                 },
