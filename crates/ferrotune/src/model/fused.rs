@@ -35,7 +35,7 @@ pub(super) fn cpu_error(message: impl Into<String>) -> candle_core::Error {
 }
 
 /// The f32 contents of a contiguous CPU storage, honouring the layout's start offset.
-pub(super) fn f32_slice<'a>(
+pub(crate) fn f32_slice<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
 ) -> candle_core::Result<&'a [f32]> {
@@ -45,6 +45,21 @@ pub(super) fn f32_slice<'a>(
     let all = storage.as_slice::<f32>()?;
     let start = layout.start_offset();
     Ok(&all[start..start + layout.shape().elem_count()])
+}
+
+/// [`f32_slice`] for an in-place op's destination.
+pub(crate) fn f32_slice_mut<'a>(
+    storage: &'a mut CpuStorage,
+    layout: &Layout,
+) -> candle_core::Result<&'a mut [f32]> {
+    if !layout.is_contiguous() {
+        return Err(cpu_error("in-place kernel output is not contiguous"));
+    }
+    let CpuStorage::F32(all) = storage else {
+        return Err(cpu_error("in-place kernel output is not f32"));
+    };
+    let start = layout.start_offset();
+    Ok(&mut all[start..start + layout.shape().elem_count()])
 }
 
 /// Runs `f` on the f32 contents of a contiguous CPU tensor.

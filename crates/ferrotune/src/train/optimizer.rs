@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use candle_core::{CpuStorage, DType, Layout, Tensor, Var};
 
 use crate::error::{Error, Result};
+use crate::model::fused::{f32_slice, f32_slice_mut};
 
 pub struct AdamW {
     pub beta1: f64,
@@ -151,10 +152,10 @@ impl AdamW {
 }
 
 /// Whether the in-place CPU kernels can update this parameter: f32 contiguous tensors on the
-/// CPU. (The moments are this optimizer's own tensors; candle refuses an in-place op whose
-/// operands share storage, so an alias would be an error, never a wrong update.)
-/// The shapes must match too: the kernels walk the slices side by side, so a moment of the wrong
-/// shape (a hand-mixed checkpoint) must reach the composed ops, which report it.
+/// CPU, all of the weight's shape (the kernels walk the slices side by side, so a moment of the
+/// wrong shape, from a hand-mixed checkpoint, must reach the composed ops, which report it). The
+/// moments are this optimizer's own tensors; candle refuses an in-place op whose operands share
+/// storage, so an alias would be an error, never a wrong update.
 fn in_place(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     [var.as_tensor(), g, m, v].iter().all(|t| {
         t.device().is_cpu()
@@ -162,20 +163,6 @@ fn in_place(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
             && t.is_contiguous()
             && t.shape() == var.shape()
     })
-}
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&x[a..b]),
-        _ => candle_core::bail!("adamw: f32 contiguous tensors only"),
-    }
-}
-
-fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(x), Some((a, b))) => Ok(&mut x[a..b]),
-        _ => candle_core::bail!("adamw: f32 contiguous tensors only"),
-    }
 }
 
 /// Pieces the in-place passes split a tensor into for the thread pool (memory-bound: a few
