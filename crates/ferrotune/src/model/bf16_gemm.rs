@@ -39,6 +39,7 @@
 //!   the result differs from the AVX-512 path only in the order of the additions (and in
 //!   denormal inputs, which `vdpbf16ps` treats as zero).
 
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Rows of A per microkernel tile.
@@ -178,6 +179,66 @@ pub fn matmul_packed(
     accumulate: bool,
     threads: usize,
 ) {
+    // SAFETY: `MaybeUninit<f32>` has f32's layout, every element is initialised (so
+    // `accumulate` may read them), and only initialised values are written back.
+    unsafe {
+        let c = &mut *(c as *mut [f32] as *mut [MaybeUninit<f32>]);
+        matmul_packed_into(m, a, b, c, accumulate, threads)
+    }
+}
+
+/// `bf16(a)[m×k] · bf16(b)[k×n]` into a new row-major vector: [`matmul`] without first
+/// zero-filling a destination that the product overwrites anyway.
+pub fn matmul_to_vec(
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    threads: usize,
+) -> Vec<f32> {
+    let packed = PackedB::new(b, (n, k), threads);
+    matmul_packed_to_vec(m, a, &packed, threads)
+}
+
+/// `c[m×n] = bf16(a)[m×k] · bf16(b)[k×n]` into a destination that may be uninitialised (a
+/// new vector's spare capacity): on return its first `m × n` elements are initialised.
+pub fn matmul_uninit(
+    (m, n, k): (usize, usize, usize),
+    a: Operand,
+    b: Operand,
+    c: &mut [MaybeUninit<f32>],
+    threads: usize,
+) {
+    let packed = PackedB::new(b, (n, k), threads);
+    // SAFETY: without `accumulate` nothing in `c` is read before it is written.
+    unsafe { matmul_packed_into(m, a, &packed, c, false, threads) }
+}
+
+/// [`matmul_packed`] into a new row-major `m × n` vector (no zero fill first).
+pub fn matmul_packed_to_vec(m: usize, a: Operand, b: &PackedB, threads: usize) -> Vec<f32> {
+    let len = m * b.n;
+    let mut c = Vec::with_capacity(len);
+    // SAFETY: without `accumulate` the product writes every one of the `len` elements before
+    // `set_len` exposes them, and reads none of them first.
+    unsafe {
+        matmul_packed_into(m, a, b, &mut c.spare_capacity_mut()[..len], false, threads);
+        c.set_len(len);
+    }
+    c
+}
+
+/// [`matmul_packed`] on a destination that may be uninitialised: on return all `m × n`
+/// elements of `c` are initialised.
+///
+/// # Safety
+/// With `accumulate`, the first `m × n` elements of `c` must be initialised.
+unsafe fn matmul_packed_into(
+    m: usize,
+    a: Operand,
+    b: &PackedB,
+    c: &mut [MaybeUninit<f32>],
+    accumulate: bool,
+    threads: usize,
+) {
     let (n, k) = (b.n, b.k);
     a.check(m, k, "A");
     assert!(c.len() >= m * n, "bf16 gemm: destination too small");
@@ -187,7 +248,7 @@ pub fn matmul_packed(
     }
     if k == 0 {
         if !accumulate {
-            c.fill(0.0);
+            c.fill(MaybeUninit::new(0.0));
         }
         return;
     }
@@ -195,10 +256,26 @@ pub fn matmul_packed(
         #[cfg(target_arch = "x86_64")]
         PackedData::Native(panels) => {
             // SAFETY: native panels exist only on a CPU with the features (pack_b checks),
-            // packed for this n and k; A's extent is checked above.
-            unsafe { avx512::matmul_packed((m, n, k), a, panels, c, accumulate, threads) }
+            // packed for this n and k; A's extent is checked above. The kernel reads C only
+            // with `accumulate` (initialised by the caller's promise) or after its own tile
+            // stored it (a later depth block).
+            unsafe {
+                avx512::matmul_packed(
+                    (m, n, k),
+                    a,
+                    panels,
+                    c.as_mut_ptr().cast(),
+                    accumulate,
+                    threads,
+                )
+            }
         }
         PackedData::Rounded { values, inner, ld } => {
+            if !accumulate {
+                c.fill(MaybeUninit::new(0.0));
+            }
+            // SAFETY: initialised, by the caller (accumulate) or just above.
+            let c = unsafe { &mut *(c as *mut [MaybeUninit<f32>] as *mut [f32]) };
             let (a, a_inner, lda) = rounded(a);
             let a = as_operand(&a, a_inner, lda);
             let b = as_operand(values, *inner, *ld);
@@ -577,12 +654,14 @@ mod avx512 {
         unsafe { pack(b, n, k, NR, threads) }
     }
 
+    /// `c` (row-major `m × n`, writable for the whole call) `= (accumulate ? c : 0) + a · b`;
+    /// C is read only with `accumulate` or where this call already stored it.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn matmul_packed(
         (m, n, k): (usize, usize, usize),
         a: Operand,
         b_packed: &Aligned,
-        c: &mut [f32],
+        c: *mut f32,
         accumulate: bool,
         threads: usize,
     ) {
@@ -601,7 +680,7 @@ mod avx512 {
             }
         }
         let m_blocks = m_panels.div_ceil(mc);
-        let c_ptr = SharedMut(c.as_mut_ptr());
+        let c_ptr = SharedMut(c);
         let (ap, bp) = (
             SharedMut(a_packed.ptr() as *mut u32),
             SharedMut(b_packed.ptr() as *mut u32),

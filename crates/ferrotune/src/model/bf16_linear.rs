@@ -8,7 +8,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
-use super::bf16_gemm::{matmul, Operand};
+use super::bf16_gemm::{matmul_to_vec, Operand};
 use super::fused::{cpu_error, f32_slice, two_input_grads};
 use super::ops;
 use crate::error::Result;
@@ -27,38 +27,28 @@ struct LinearBf16 {
 impl LinearBf16 {
     fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         let (r, k, n) = (self.rows, self.inputs, self.outputs);
-        let mut y = vec![0f32; r * n];
-        matmul(
+        matmul_to_vec(
             (r, n, k),
             Operand::DepthInner { data: x, ld: k },
             Operand::DepthInner { data: w, ld: k },
-            &mut y,
-            false,
             threads(),
-        );
-        y
+        )
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (r, k, n) = (self.rows, self.inputs, self.outputs);
         // dx [r, k] = dy [r, n] · w [n, k]: w's rows are the depth.
-        let mut dx = vec![0f32; r * k];
-        matmul(
+        let dx = matmul_to_vec(
             (r, k, n),
             Operand::DepthInner { data: dy, ld: n },
             Operand::DepthOuter { data: w, ld: k },
-            &mut dx,
-            false,
             threads(),
         );
         // dw [n, k] = dyᵀ [n, r] · x [r, k]: the rows (tokens) are the depth of both.
-        let mut dw = vec![0f32; n * k];
-        matmul(
+        let dw = matmul_to_vec(
             (n, k, r),
             Operand::DepthOuter { data: dy, ld: n },
             Operand::DepthOuter { data: x, ld: k },
-            &mut dw,
-            false,
             threads(),
         );
         (dx, dw)
