@@ -17,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::bf16_gemm::{self, Operand, PackedB};
 use super::bf16_linear;
+use super::bf16_matmul;
 use super::config::{Head, ModelConfig};
 use super::fused;
 use super::fused_rope;
@@ -189,8 +190,9 @@ impl Decoder {
     /// Autocast to bf16 on the CPU: the weights and activations stay f32, and every linear
     /// layer of the decoder blocks (q, k, v, o, gate, up, down) and the fused LM head of
     /// training compute their products in bf16 with f32 accumulation
-    /// ([`super::bf16_linear::linear_bf16`]). Elsewhere (attention scores, norms, softmax) the
-    /// computation is unchanged f32.
+    /// ([`super::bf16_linear::linear_bf16`]), and so do attention's two products (`Q·Kᵀ` and
+    /// `P·V`, [`super::bf16_matmul`]). Elsewhere (norms, softmax, activations) the computation
+    /// is unchanged f32.
     pub fn with_bf16_linears(mut self, on: bool) -> Self {
         self.bf16_linears = on;
         self
@@ -454,7 +456,9 @@ impl Decoder {
 
     /// Scaled dot-product attention with grouped KV heads. Query heads are folded into the KV
     /// head they share ([B, KV, groups·T, D]) so keys and values are never repeated in memory;
-    /// query head h reads KV head h / groups, as transformers' `repeat_kv` arranges it.
+    /// query head h reads KV head h / groups, as transformers' `repeat_kv` arranges it. Under
+    /// bf16 autocast the two products (`Q·Kᵀ`, `P·V`) are bf16 with f32 accumulation too, as
+    /// PyTorch's autocast runs `bmm`; the softmax stays f32.
     fn attend(
         &self,
         q: &Tensor,
@@ -470,14 +474,25 @@ impl Decoder {
         let s = k.dim(2)?;
         let scale = 1.0 / (d as f64).sqrt();
         let q = q.contiguous()?.reshape((b, kv, groups * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, h, t, s))?;
+        let bf16 = self.bf16_linears;
+        let scores = if bf16 {
+            bf16_matmul::matmul_bf16_nt(&q, k)?
+        } else {
+            q.matmul(&k.t()?)?
+        };
+        let scores = scores.reshape((b, h, t, s))?;
         let probs = if fused {
             ops::fast::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
         } else {
             // Scale, mask and softmax in one differentiable kernel (composed off the CPU).
             fused_softmax::masked_softmax(&scores, mask, scale)?
         };
-        let out = probs.reshape((b, kv, groups * t, s))?.matmul(v)?;
+        let probs = probs.reshape((b, kv, groups * t, s))?;
+        let out = if bf16 {
+            bf16_matmul::matmul_bf16(&probs, v)?
+        } else {
+            probs.matmul(v)?
+        };
         Ok(out
             .reshape((b, h, t, d))?
             .transpose(1, 2)?

@@ -3,6 +3,7 @@
 
 pub mod bf16_gemm;
 pub mod bf16_linear;
+pub mod bf16_matmul;
 pub mod config;
 pub mod decoder;
 pub mod fused;
