@@ -23,6 +23,7 @@ use super::fused;
 use super::fused_rope;
 use super::fused_softmax;
 use super::fused_swiglu;
+use super::grad_sink::{self, GradSink};
 use super::kv_cache::KvCache;
 use super::ops;
 use super::params::parameter_specs;
@@ -96,6 +97,9 @@ pub struct Decoder {
     /// The layers' linear products in bf16 with f32 accumulation (CPU autocast, see
     /// [`Decoder::with_bf16_linears`]).
     bf16_linears: bool,
+    /// Where a training step's parameter gradients of the embedding and head go
+    /// ([`Decoder::with_grad_sink`]).
+    grad_sink: Option<GradSink>,
 }
 
 impl Decoder {
@@ -183,6 +187,7 @@ impl Decoder {
             params,
             config,
             bf16_linears: false,
+            grad_sink: None,
             head_packed: OnceLock::new(),
         })
     }
@@ -201,6 +206,18 @@ impl Decoder {
     /// Whether the linear layers compute in bf16 (see [`Decoder::with_bf16_linears`]).
     pub fn bf16_linears(&self) -> bool {
         self.bf16_linears
+    }
+
+    /// Sends the gradients of the embedding (and, through [`Decoder::grad_sink`], of the
+    /// head) to `sink` instead of candle's store when they are f32 CPU parameters: the
+    /// training step's path, which sums them in place ([`GradSink`]).
+    pub fn with_grad_sink(mut self, sink: GradSink) -> Self {
+        self.grad_sink = Some(sink);
+        self
+    }
+
+    pub fn grad_sink(&self) -> Option<&GradSink> {
+        self.grad_sink.as_ref()
     }
 
     /// The output projection of hidden states, in bf16 too under autocast. `step`: from
@@ -270,10 +287,13 @@ impl Decoder {
         let (b, t) = input_ids.dims2()?;
         self.check_ids(input_ids)?;
         let flat = input_ids.flatten_all()?;
-        Ok(self
-            .embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, t, self.config.hidden_size))?)
+        Ok(
+            grad_sink::embedding(&self.embed_tokens, &flat, self.grad_sink.as_ref())?.reshape((
+                b,
+                t,
+                self.config.hidden_size,
+            ))?,
+        )
     }
 
     /// Final-norm hidden states for a whole sequence, [B, T, H].

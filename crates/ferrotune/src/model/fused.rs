@@ -23,6 +23,8 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, 
 use rayon::prelude::*;
 
 use super::bf16_gemm::{self, Operand, PackedB};
+use super::fast_exp;
+use super::grad_sink::GradSink;
 use super::ops;
 use crate::error::{Error, Result};
 
@@ -196,10 +198,30 @@ impl<'a> HeadB<'a> {
     }
 }
 
-/// Max and `Σ exp(x − max)` of one row.
-fn row_stats(row: &[f32]) -> (f32, f32) {
+/// Max and `Σ exp(x − max)` of one row; `fast`: with [`fast_exp`] (the bf16 path only).
+fn row_stats(row: &[f32], fast: bool) -> (f32, f32) {
+    if fast {
+        let max = fast_exp::max(row);
+        return (max, fast_exp::exp_sum(row, max));
+    }
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum = row.iter().map(|&x| (x - max).exp()).sum::<f32>();
+    (max, sum)
+}
+
+/// `x ← exp(x − max)` over one row; returns `(max, Σ exp(x − max))`. The f32 path gives the
+/// same bits as [`row_stats`] followed by the exps (the same `exp` calls, summed in order).
+fn exp_row(row: &mut [f32], fast: bool) -> (f32, f32) {
+    if fast {
+        let max = fast_exp::max(row);
+        return (max, fast_exp::exp_in_place(row, max));
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in row.iter_mut() {
+        *x = (*x - max).exp();
+        sum += *x;
+    }
     (max, sum)
 }
 
@@ -223,6 +245,8 @@ struct HeadLogprob {
     bf16: bool,
     /// Per pick: the argmax of the logits equals the target (filled by the forward pass).
     hits: Arc<Mutex<Vec<bool>>>,
+    /// Where the head's gradient goes when it is a parameter ([`GradSink`]).
+    sink: Option<GradSink>,
 }
 
 impl HeadLogprob {
@@ -285,7 +309,7 @@ impl HeadLogprob {
                 .par_chunks(v)
                 .zip(picks.par_iter())
                 .map(|(row, p)| {
-                    let (max, sum) = row_stats(row);
+                    let (max, sum) = row_stats(row, self.bf16);
                     let x = row[p.target as usize];
                     (x - max - sum.ln(), x >= max)
                 })
@@ -320,10 +344,11 @@ impl HeadLogprob {
                 .zip(picks.par_iter())
                 .for_each(|(row, p)| {
                     let g = grad_out[p.out];
-                    let (max, sum) = row_stats(row);
+                    // Each exp once: stored, summed, then scaled.
+                    let (_, sum) = exp_row(row, self.bf16);
                     let scale = -g / sum;
                     for x in row.iter_mut() {
-                        *x = scale * (*x - max).exp();
+                        *x *= scale;
                     }
                     row[p.target as usize] += g;
                 });
@@ -384,7 +409,8 @@ impl CustomOp2 for HeadLogprob {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        two_input_grads(hidden, head, grad_res, |h, w, g| self.backward(h, w, g))
+        let (dh, dw) = two_input_grads(hidden, head, grad_res, |h, w, g| self.backward(h, w, g))?;
+        Ok((dh, GradSink::divert(self.sink.as_ref(), head, dw)?))
     }
 }
 
@@ -404,7 +430,20 @@ pub fn head_logprobs(
     scored: &[Vec<bool>],
     bf16: bool,
 ) -> Result<(Tensor, usize)> {
-    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS, bf16)
+    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS, bf16, None)
+}
+
+/// [`head_logprobs`], with the head's gradient sent to `sink` when the head is a parameter
+/// (the training step's path: see [`GradSink`]).
+pub fn head_logprobs_with_sink(
+    hidden: &Tensor,
+    head: &Tensor,
+    input_ids: &[Vec<u32>],
+    scored: &[Vec<bool>],
+    bf16: bool,
+    sink: Option<&GradSink>,
+) -> Result<(Tensor, usize)> {
+    head_logprobs_chunked(hidden, head, input_ids, scored, CHUNK_ELEMENTS, bf16, sink)
 }
 
 fn head_logprobs_chunked(
@@ -414,6 +453,7 @@ fn head_logprobs_chunked(
     scored: &[Vec<bool>],
     chunk_elements: usize,
     bf16: bool,
+    sink: Option<&GradSink>,
 ) -> Result<(Tensor, usize)> {
     let (b, t, h) = hidden.dims3()?;
     let (v, h2) = head.dims2()?;
@@ -456,6 +496,7 @@ fn head_logprobs_chunked(
         chunk_elements,
         bf16,
         hits: hits.clone(),
+        sink: sink.cloned(),
     };
     let hidden2 = hidden
         .to_dtype(DType::F32)?
@@ -710,6 +751,7 @@ mod tests {
                 &scored,
                 chunk_elements,
                 bf16,
+                None,
             )
             .unwrap();
             let grads = weighted_sum(&logp, 11).backward().unwrap();
