@@ -505,7 +505,7 @@ impl Decoder {
             ops::fast::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
         } else {
             // Scale, mask and softmax in one differentiable kernel (composed off the CPU).
-            fused_softmax::masked_softmax(&scores, mask, scale)?
+            fused_softmax::masked_softmax(&scores, mask, scale, bf16)?
         };
         let probs = probs.reshape((b, kv, groups * t, s))?;
         let out = if bf16 {

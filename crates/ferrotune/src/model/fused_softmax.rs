@@ -12,13 +12,10 @@
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
+use super::fast_exp::{self, EXP_UNDERFLOW};
 use super::fused::{f32_slice, for_each_rows, with_f32};
 use super::ops;
 use crate::error::{Error, Result};
-
-/// `exp(d)` is exactly 0 in f32 below this (the smallest subnormal is `e^-103.3`), so masked
-/// keys (`d` near −1e9) skip the call to `exp`: half the scores of a causal mask.
-const EXP_UNDERFLOW: f32 = -104.0;
 
 struct MaskedSoftmax {
     scale: f32,
@@ -28,6 +25,8 @@ struct MaskedSoftmax {
     queries: usize,
     /// Keys per row (S).
     keys: usize,
+    /// The forward's exps and sums through [`fast_exp`] (bf16 autocast only).
+    fast_exp: bool,
 }
 
 impl MaskedSoftmax {
@@ -47,6 +46,17 @@ impl MaskedSoftmax {
                 let row = offset / s + i;
                 let x = &scores[row * s..(row + 1) * s];
                 let m = self.mask_row(mask, row);
+                if self.fast_exp {
+                    for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
+                        *y = x * self.scale + m;
+                    }
+                    let max = fast_exp::max(y);
+                    let inv = 1.0 / fast_exp::exp_in_place(y, max);
+                    for y in y.iter_mut() {
+                        *y *= inv;
+                    }
+                    continue;
+                }
                 let mut max = f32::NEG_INFINITY;
                 for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
                     *y = x * self.scale + m;
@@ -54,6 +64,8 @@ impl MaskedSoftmax {
                 }
                 // A row whose keys are all masked has every value near MASKED, so `max` is
                 // finite and the row comes out uniform, as the composed softmax gives it.
+                // Masked keys (`d` near −1e9) skip the call to `exp`: half the scores of a
+                // causal mask.
                 let mut sum = 0f32;
                 for y in y.iter_mut() {
                     let d = *y - max;
@@ -121,8 +133,10 @@ impl CustomOp2 for MaskedSoftmax {
 /// Attention probabilities `softmax(scale · scores + mask)` over the last dimension, with a
 /// gradient for `scores` [B, H, T, S] only; `mask` [B, 1, T, S] is an additive bias shared by
 /// the heads (finite, so a fully masked row is uniform rather than NaN). One fused kernel each
-/// way on the CPU in f32; the composed [`ops::masked_softmax`] elsewhere.
-pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+/// way on the CPU in f32; the composed [`ops::masked_softmax`] elsewhere. With `bf16` (the
+/// decoder under bf16 autocast) the forward's exps and sums go through [`fast_exp`]: a few
+/// ulp from the f32 path's values, which stay bit for bit those of `f32::exp`.
+pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, bf16: bool) -> Result<Tensor> {
     let on_cpu = scores.device().is_cpu() && mask.device().is_cpu();
     if !on_cpu || scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
         return ops::masked_softmax(scores, mask, scale);
@@ -140,6 +154,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
         heads: h,
         queries: t,
         keys: s,
+        fast_exp: bf16,
     };
     Ok(scores.contiguous()?.apply_op2(&mask.contiguous()?, op)?)
 }
@@ -166,12 +181,13 @@ mod tests {
         Tensor::from_vec(data, (b, 1, t, s), &Device::Cpu).unwrap()
     }
 
-    fn check_against_composed(dims: [usize; 4], scale: f64) {
+    /// `fast_exp`: the bf16 path's exps, a few ulp from libm's, so a few ulp of a probability.
+    fn check_against_composed(dims: [usize; 4], scale: f64, fast_exp: bool) {
         let [b, _, t, s] = dims;
         let scores = Var::from_tensor(&random(&dims, 31, 4.0)).unwrap();
         let valid: Vec<usize> = (0..b).map(|r| s - r % 3).collect();
         let mask = mask(b, t, s, &valid);
-        let fused = masked_softmax(scores.as_tensor(), &mask, scale).unwrap();
+        let fused = masked_softmax(scores.as_tensor(), &mask, scale, fast_exp).unwrap();
         let reference = ops::masked_softmax(scores.as_tensor(), &mask, scale).unwrap();
         assert!(max_abs_diff(&fused, &reference) < 1e-6);
         // The fully masked query is uniform over all keys, in every head.
@@ -183,22 +199,26 @@ mod tests {
 
     #[test]
     fn masked_softmax_matches_composed_values_and_gradients() {
-        check_against_composed([2, 3, 5, 7], 1.0 / 6f64.sqrt());
+        for fast_exp in [false, true] {
+            check_against_composed([2, 3, 5, 7], 1.0 / 6f64.sqrt(), fast_exp);
+        }
     }
 
     /// Large enough to be split over rayon's workers, in blocks that cut no row.
     #[test]
     fn masked_softmax_matches_composed_when_parallel() {
-        check_against_composed([2, 3, 67, 131], 0.125);
+        for fast_exp in [false, true] {
+            check_against_composed([2, 3, 67, 131], 0.125, fast_exp);
+        }
     }
 
     #[test]
     fn masked_softmax_takes_the_composed_path_in_bf16() {
         let scores = random(&[1, 2, 3, 4], 33, 2.0);
         let mask = mask(1, 3, 4, &[4]);
-        let f32_probs = masked_softmax(&scores, &mask, 0.5).unwrap();
+        let f32_probs = masked_softmax(&scores, &mask, 0.5, false).unwrap();
         let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
-        let probs = masked_softmax(&bf16(&scores), &bf16(&mask), 0.5).unwrap();
+        let probs = masked_softmax(&bf16(&scores), &bf16(&mask), 0.5, true).unwrap();
         assert_eq!(probs.dtype(), DType::BF16);
         let probs = probs.to_dtype(DType::F32).unwrap();
         assert!(max_abs_diff(&probs, &f32_probs) < 1e-2);
