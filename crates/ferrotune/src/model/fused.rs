@@ -17,6 +17,7 @@
 //! ([`super::fused_softmax`], [`super::fused_swiglu`], [`super::fused_rope`]) and share the
 //! helpers here: reading a CPU tensor's f32 contents and splitting rows over rayon's pool.
 
+use std::mem::MaybeUninit;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Storage, Tensor, D};
@@ -90,11 +91,12 @@ fn task_len(row_len: usize) -> usize {
 }
 
 /// Runs `f(offset, block)` on consecutive blocks of whole rows of `out` (`offset`: the block's
-/// first element), over rayon's pool when `out` is large enough to pay for it.
-pub(super) fn for_each_rows(
-    out: &mut [f32],
+/// first element), over rayon's pool when `out` is large enough to pay for it. `out` may be a
+/// new vector's uninitialised spare capacity ([`new_written`]).
+pub(super) fn for_each_rows<T: Send>(
+    out: &mut [T],
     row_len: usize,
-    f: impl Fn(usize, &mut [f32]) + Send + Sync,
+    f: impl Fn(usize, &mut [T]) + Send + Sync,
 ) {
     let task = task_len(row_len);
     if out.len() >= PARALLEL_MIN_ELEMENTS {
@@ -109,11 +111,11 @@ pub(super) fn for_each_rows(
 }
 
 /// [`for_each_rows`] over two outputs of one length, split at the same places.
-pub(super) fn for_each_rows2(
-    a: &mut [f32],
-    b: &mut [f32],
+pub(super) fn for_each_rows2<T: Send>(
+    a: &mut [T],
+    b: &mut [T],
     row_len: usize,
-    f: impl Fn(usize, &mut [f32], &mut [f32]) + Send + Sync,
+    f: impl Fn(usize, &mut [T], &mut [T]) + Send + Sync,
 ) {
     let task = task_len(row_len);
     if a.len() >= PARALLEL_MIN_ELEMENTS {
@@ -127,6 +129,52 @@ pub(super) fn for_each_rows2(
             .enumerate()
             .for_each(|(i, (x, y))| f(i * task, x, y));
     }
+}
+
+/// A new vector of `len` f32 that `write` fills through its spare capacity, with no zero fill
+/// first (a kernel's output, every element of which it computes).
+///
+/// # Safety
+/// `write` must initialise every element of the slice it is given.
+pub(super) unsafe fn new_written(
+    len: usize,
+    write: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    write(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `write` initialised all `len` elements (the caller's promise).
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Two vectors of `len` f32 written as by [`new_written`].
+///
+/// # Safety
+/// `write` must initialise every element of both slices it is given.
+pub(super) unsafe fn new_written2(
+    len: usize,
+    write: impl FnOnce(&mut [MaybeUninit<f32>], &mut [MaybeUninit<f32>]),
+) -> (Vec<f32>, Vec<f32>) {
+    let (mut a, mut b) = (Vec::with_capacity(len), Vec::with_capacity(len));
+    write(
+        &mut a.spare_capacity_mut()[..len],
+        &mut b.spare_capacity_mut()[..len],
+    );
+    // SAFETY: `write` initialised all `len` elements of both (the caller's promise).
+    unsafe {
+        a.set_len(len);
+        b.set_len(len);
+    }
+    (a, b)
+}
+
+/// `block` as f32, once every element of it has been written.
+///
+/// # Safety
+/// Every element of `block` must be initialised.
+pub(super) unsafe fn assume_written(block: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: same layout; initialised (the caller's promise).
+    unsafe { &mut *(block as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
 /// The backward of a two-input CPU kernel: `backward(a, b, grad)` on the f32 contents gives the

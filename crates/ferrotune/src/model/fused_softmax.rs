@@ -10,10 +10,12 @@
 //! Off the CPU or outside f32 it is [`ops::masked_softmax`], the composed reference it is
 //! tested against.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::fast_exp::{self, EXP_UNDERFLOW};
-use super::fused::{f32_slice, for_each_rows, with_f32};
+use super::fused::{assume_written, f32_slice, for_each_rows, new_written, with_f32};
 use super::ops;
 use crate::error::{Error, Result};
 
@@ -39,17 +41,24 @@ impl MaskedSoftmax {
     }
 
     fn forward(&self, scores: &[f32], mask: &[f32]) -> Vec<f32> {
+        // SAFETY: each row's first loop writes every element of the row.
+        unsafe { new_written(scores.len(), |probs| self.forward_into(scores, mask, probs)) }
+    }
+
+    /// [`MaskedSoftmax::forward`] into `probs` (initialised on return).
+    fn forward_into(&self, scores: &[f32], mask: &[f32], probs: &mut [MaybeUninit<f32>]) {
         let s = self.keys;
-        let mut probs = vec![0f32; scores.len()];
-        for_each_rows(&mut probs, s, |offset, block| {
+        for_each_rows(probs, s, |offset, block| {
             for (i, y) in block.chunks_mut(s).enumerate() {
                 let row = offset / s + i;
                 let x = &scores[row * s..(row + 1) * s];
                 let m = self.mask_row(mask, row);
+                for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
+                    y.write(x * self.scale + m);
+                }
+                // SAFETY: the loop above wrote the whole row.
+                let y = unsafe { assume_written(y) };
                 if self.fast_exp {
-                    for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
-                        *y = x * self.scale + m;
-                    }
                     let max = fast_exp::max(y);
                     let inv = 1.0 / fast_exp::exp_in_place(y, max);
                     for y in y.iter_mut() {
@@ -58,9 +67,8 @@ impl MaskedSoftmax {
                     continue;
                 }
                 let mut max = f32::NEG_INFINITY;
-                for ((y, &x), &m) in y.iter_mut().zip(x).zip(m) {
-                    *y = x * self.scale + m;
-                    max = max.max(*y);
+                for &y in y.iter() {
+                    max = max.max(y);
                 }
                 // A row whose keys are all masked has every value near MASKED, so `max` is
                 // finite and the row comes out uniform, as the composed softmax gives it.
@@ -78,25 +86,26 @@ impl MaskedSoftmax {
                 }
             }
         });
-        probs
     }
 
     /// `d scores = scale · y ⊙ (dy − Σ_row dy ⊙ y)`: the softmax Jacobian applied to `dy`,
     /// times the scale the scores were multiplied by. The mask's gradient is not needed.
     fn backward(&self, probs: &[f32], grad: &[f32]) -> Vec<f32> {
         let s = self.keys;
-        let mut dx = vec![0f32; probs.len()];
-        for_each_rows(&mut dx, s, |offset, block| {
-            let y = &probs[offset..offset + block.len()];
-            let dy = &grad[offset..offset + block.len()];
-            for ((dx, y), dy) in block.chunks_mut(s).zip(y.chunks(s)).zip(dy.chunks(s)) {
-                let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
-                for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
-                    *dx = self.scale * y * (dy - dot);
+        let write = |dx: &mut [MaybeUninit<f32>]| {
+            for_each_rows(dx, s, |offset, block| {
+                let y = &probs[offset..offset + block.len()];
+                let dy = &grad[offset..offset + block.len()];
+                for ((dx, y), dy) in block.chunks_mut(s).zip(y.chunks(s)).zip(dy.chunks(s)) {
+                    let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                    for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
+                        dx.write(self.scale * y * (dy - dot));
+                    }
                 }
-            }
-        });
-        dx
+            })
+        };
+        // SAFETY: every row of every block is written, one element per element of `probs`.
+        unsafe { new_written(probs.len(), write) }
     }
 }
 

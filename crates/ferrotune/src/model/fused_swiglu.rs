@@ -7,9 +7,13 @@
 //! it. Off the CPU or outside f32 it is [`ops::swiglu`], the composed reference it is tested
 //! against.
 
+use std::mem::MaybeUninit;
+
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-use super::fused::{f32_slice, for_each_rows, for_each_rows2, two_input_grads};
+use super::fused::{
+    f32_slice, for_each_rows, for_each_rows2, new_written, new_written2, two_input_grads,
+};
 use super::ops;
 use crate::error::{Error, Result};
 
@@ -21,33 +25,36 @@ fn sigmoid(x: f32) -> f32 {
 
 impl Swiglu {
     fn forward(gate: &[f32], up: &[f32]) -> Vec<f32> {
-        let mut y = vec![0f32; gate.len()];
-        for_each_rows(&mut y, 1, |offset, block| {
-            let n = block.len();
-            let (g, u) = (&gate[offset..offset + n], &up[offset..offset + n]);
-            for ((y, &g), &u) in block.iter_mut().zip(g).zip(u) {
-                *y = g * sigmoid(g) * u;
-            }
-        });
-        y
+        let write = |y: &mut [MaybeUninit<f32>]| {
+            for_each_rows(y, 1, |offset, block| {
+                let n = block.len();
+                let (g, u) = (&gate[offset..offset + n], &up[offset..offset + n]);
+                for ((y, &g), &u) in block.iter_mut().zip(g).zip(u) {
+                    y.write(g * sigmoid(g) * u);
+                }
+            })
+        };
+        // SAFETY: every element of every block is written.
+        unsafe { new_written(gate.len(), write) }
     }
 
     /// With `s = σ(g)`: `d up = dy · g·s` and `d gate = dy · u · s·(1 + g·(1 − s))`, the
     /// derivative of `g·σ(g)`.
     fn backward(gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
-        let mut d_gate = vec![0f32; gate.len()];
-        let mut d_up = vec![0f32; gate.len()];
-        for_each_rows2(&mut d_gate, &mut d_up, 1, |offset, dg, du| {
-            let n = dg.len();
-            let range = offset..offset + n;
-            let (g, u, dy) = (&gate[range.clone()], &up[range.clone()], &dy[range]);
-            for i in 0..n {
-                let s = sigmoid(g[i]);
-                du[i] = dy[i] * g[i] * s;
-                dg[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-            }
-        });
-        (d_gate, d_up)
+        let write = |d_gate: &mut [MaybeUninit<f32>], d_up: &mut [MaybeUninit<f32>]| {
+            for_each_rows2(d_gate, d_up, 1, |offset, dg, du| {
+                let n = dg.len();
+                let range = offset..offset + n;
+                let (g, u, dy) = (&gate[range.clone()], &up[range.clone()], &dy[range]);
+                for i in 0..n {
+                    let s = sigmoid(g[i]);
+                    du[i].write(dy[i] * g[i] * s);
+                    dg[i].write(dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s)));
+                }
+            })
+        };
+        // SAFETY: both outputs are written at every index of every block.
+        unsafe { new_written2(gate.len(), write) }
     }
 }
 
