@@ -14,6 +14,7 @@ pub mod infer;
 pub mod io;
 pub mod model;
 pub mod objectives;
+pub mod pool;
 pub mod synth;
 pub mod train;
 

@@ -306,6 +306,15 @@ impl Decoder {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<Tensor> {
+        // One hand-off to rayon's pool per pass, not one per op (see `crate::pool`).
+        crate::pool::on_pool(|| self.forward_hidden_here(input_ids, attention_mask))
+    }
+
+    fn forward_hidden_here(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         if t > self.config.max_position_embeddings {
             return Err(Error::invalid(format!(
@@ -389,6 +398,17 @@ impl Decoder {
     /// shorter prompt in the prefill), which no later token attends to and which does not
     /// advance that row's position. Each row's positions continue from the cache's count.
     pub fn forward_step(
+        &self,
+        input_ids: &Tensor,
+        step_mask: Option<&[Vec<bool>]>,
+        cache: &mut KvCache,
+        logits_at: LogitsAt,
+    ) -> Result<Tensor> {
+        // One hand-off to rayon's pool per step, not one per op (see `crate::pool`).
+        crate::pool::on_pool(|| self.forward_step_here(input_ids, step_mask, cache, logits_at))
+    }
+
+    fn forward_step_here(
         &self,
         input_ids: &Tensor,
         step_mask: Option<&[Vec<bool>]>,
