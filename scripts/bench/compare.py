@@ -332,6 +332,8 @@ def run_shape(runner, shape, what, status):
         f = out["ferrotune"]
         common = ["--model", model, "--seq-len", s["seq_len"], "--steps", s["steps"] - 1, "--warmup", 1,
                   "--precision", args.ferrotune_precision]
+        if train and args.ferrotune_cpu_parts != 1:
+            common += ["--cpu-parts", args.ferrotune_cpu_parts]
         if train:
             f["sft"] = runner.ferrotune("bench", "train", *common, "--batch-size", s["batch"],
                                         "--objective", "sft")
@@ -560,6 +562,8 @@ def main():
     parser.add_argument("--models-dir", default=os.path.join(REPO, "target", "bench-models"))
     parser.add_argument("--modes", default="fp32,bf16", help="PyTorch modes, comma-separated")
     parser.add_argument("--ferrotune-precision", default="f32", help="f32, bf16 or f16 (`bench --precision`)")
+    parser.add_argument("--ferrotune-cpu-parts", type=int, default=1,
+                        help="micro-batch parts side by side on the CPU (`bench train --cpu-parts`)")
     parser.add_argument("--no-dpo", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--skip-ferrotune", action="store_true")

@@ -71,6 +71,9 @@ pub struct TrainArgs {
     objective: String,
     #[arg(long, default_value = "f32")]
     precision: String,
+    /// Micro-batch parts side by side on the CPU (the trainer's `--cpu-parts`).
+    #[arg(long, default_value_t = 1)]
+    cpu_parts: usize,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +166,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         model: a.model.clone(),
         batch_size: a.batch_size,
         precision: a.precision.clone(),
+        cpu_parts: a.cpu_parts,
         lr: Some(1e-5),
         ..Default::default()
     };
@@ -188,6 +192,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "peak_rss_mb": peak_rss_mb(),
         "threads": threads(),
         "dtype": a.precision,
+        "cpu_parts": a.cpu_parts,
         "batch_size": a.batch_size,
         "seq_len": a.seq_len,
         "num_parameters": params,

@@ -58,6 +58,10 @@ pub struct Args {
     /// f32, bf16 or f16 compute (master weights stay f32).
     #[arg(long)]
     precision: Option<String>,
+    /// CPU: run each micro-batch as this many parts side by side (faster for small models;
+    /// float summation order differs from whole batches). Default 1.
+    #[arg(long)]
+    cpu_parts: Option<i64>,
     #[arg(long)]
     max_length: Option<i64>,
     /// right, left or drop.
@@ -181,6 +185,7 @@ impl Args {
         put(&mut t, "max_grad_norm", self.max_grad_norm);
         put(&mut t, "seed", self.seed);
         put(&mut t, "precision", self.precision.clone());
+        put(&mut t, "cpu_parts", self.cpu_parts);
         put(&mut t, "max_length", self.max_length);
         put(&mut t, "truncation", self.truncation.clone());
         put(&mut t, "train_percentile", self.train_percentile);

@@ -74,6 +74,12 @@ pub struct TrainConfig {
     /// Compute precision: f32, bf16 or f16 (master weights and moments stay f32). bf16 on the
     /// CPU is autocast: f32 activations, bf16 products with f32 accumulation in the linear layers.
     pub precision: String,
+    /// On the CPU, each micro-batch runs as this many parts (rows dealt out in turn, as ranks
+    /// share a global batch) side by side on rayon's threads, their gradients summed in part
+    /// order. 1 (the default) runs whole batches. For small models 2 is much faster on a
+    /// multi-core CPU; the sums then differ from whole batches' in float summation order only,
+    /// and the same value gives the same bits on any thread count.
+    pub cpu_parts: usize,
     pub max_length: Option<usize>,
     /// `right` (default: cut the end), `left` (cut the start) or `drop` (skip the row).
     pub truncation: String,
@@ -151,6 +157,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             seed: 42,
             precision: "f32".into(),
+            cpu_parts: 1,
             max_length: None,
             truncation: "right".into(),
             train_percentile: 100.0,
@@ -248,6 +255,9 @@ impl TrainConfig {
             ));
         }
         crate::io::checkpoint::parse_dtype(&self.precision)?;
+        if self.cpu_parts == 0 {
+            return Err(Error::invalid("config: cpu_parts must be at least 1"));
+        }
         super::win_rate_eval::check_config(self)?;
         Ok(())
     }

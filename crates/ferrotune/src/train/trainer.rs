@@ -753,6 +753,14 @@ pub struct StepOutput {
     pub allreduce_seconds: f64,
 }
 
+/// What one part of a micro-batch contributes to the step.
+struct PartGrads {
+    loss: f64,
+    grads: BTreeMap<String, Tensor>,
+    metric_sums: Vec<(&'static str, f64)>,
+    tokens: usize,
+}
+
 impl<'a> StepEngine<'a> {
     fn new(runner: Runner<'a>, decoder: Decoder, dtype: DType) -> Result<Self> {
         let config = runner.config;
@@ -796,6 +804,15 @@ impl<'a> StepEngine<'a> {
         micro_batches: &[Vec<usize>],
         lr: f64,
     ) -> Result<StepOutput> {
+        crate::pool::on_pool(|| self.step_here(examples, micro_batches, lr))
+    }
+
+    fn step_here(
+        &mut self,
+        examples: &Examples,
+        micro_batches: &[Vec<usize>],
+        lr: f64,
+    ) -> Result<StepOutput> {
         let genrm_counts = match examples {
             Examples::Genrm { .. } => examples.genrm_counts(micro_batches),
             _ => [0.0; 2],
@@ -806,10 +823,6 @@ impl<'a> StepEngine<'a> {
             .map(|b| self.runner.count(examples, b))
             .sum::<f64>()
             .max(1.0);
-        // The embedding's and head's gradients are summed in place here, not in candle's store
-        // (at Qwen2.5-0.5B that store's copies of the tied 545 MB embedding set the step's peak).
-        let sink = GradSink::new();
-        let decoder = self.decoder(self.dtype)?.with_grad_sink(sink.clone());
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_value = 0f64;
         let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
@@ -825,45 +838,35 @@ impl<'a> StepEngine<'a> {
             if share.is_empty() {
                 continue;
             }
-            let r = self
-                .runner
-                .micro(&decoder, examples, &share, "train", genrm_counts)?;
-            let loss = (r.loss_sum / step_count)?;
-            loss_value += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = loss.backward()?;
-            for (name, var) in &self.vars {
-                let stored = match store.get(var.as_tensor()) {
-                    Some(g) => Some(g.to_dtype(DType::F32)?),
-                    None => None,
+            let parts = self.local_parts(&share);
+            let run = |p: &Vec<usize>| self.part(examples, p, step_count, genrm_counts);
+            let results: Vec<Result<PartGrads>> =
+                if parts.len() > 1 && rayon::current_num_threads() > 1 {
+                    use rayon::prelude::*;
+                    parts.par_iter().map(run).collect()
+                } else {
+                    parts.iter().map(run).collect()
                 };
-                let g = match (stored, sink.take(var.as_tensor())) {
-                    (Some(a), Some(b)) => Some((a + b)?),
-                    (a, b) => a.or(b),
-                };
-                if let Some(g) = g {
-                    let sum = match grads.remove(name) {
+            // Summed in part order, whatever order the threads finished in.
+            for part in results {
+                let part = part?;
+                loss_value += part.loss;
+                for (name, g) in part.grads {
+                    let sum = match grads.remove(&name) {
                         Some(acc) => (acc + g)?,
                         None => g,
                     };
-                    grads.insert(name.clone(), sum);
+                    grads.insert(name, sum);
                 }
+                if metric_sums.is_empty() {
+                    metric_sums = part.metric_sums.iter().map(|(n, _)| (*n, 0.0)).collect();
+                }
+                for (acc, (_, v)) in metric_sums.iter_mut().zip(&part.metric_sums) {
+                    acc.1 += v;
+                }
+                tokens += part.tokens;
             }
-            if !sink.is_empty() {
-                // Only parameters' gradients go to the sink, and all were just taken.
-                return Err(Error::invalid(format!(
-                    "internal: {} gradients of non-parameters left in the gradient sink",
-                    sink.len()
-                )));
-            }
-            if metric_sums.is_empty() {
-                metric_sums = r.metric_sums.iter().map(|(n, _)| (*n, 0.0)).collect();
-            }
-            for (acc, (_, v)) in metric_sums.iter_mut().zip(&r.metric_sums) {
-                acc.1 += v;
-            }
-            tokens += r.real_tokens;
         }
-        drop(decoder);
         let mut allreduce_seconds = 0.0;
         // NCCL reduces even in a world of one (Communicator::runs_alone), so a one-GPU run under
         // the launcher variables times the same path as N GPUs.
@@ -898,6 +901,71 @@ impl<'a> StepEngine<'a> {
             tokens,
             samples,
             allreduce_seconds,
+        })
+    }
+
+    /// How this rank splits its share of a micro-batch: `cpu_parts` parts on the CPU (rows
+    /// dealt out in turn, as ranks share a global batch) that run side by side on rayon's
+    /// threads. For a small model a step is many small ops, and two half-batches on two threads
+    /// lose far less time to each op's thread hand-offs than one batch whose every op is split
+    /// over both. The split does not depend on the thread count (one thread runs the parts in
+    /// turn), so a seed gives the same bits on any machine; the parts' sums differ from one
+    /// pass's only in float summation order.
+    fn local_parts(&self, share: &[usize]) -> Vec<Vec<usize>> {
+        let n = self.runner.config.cpu_parts.min(share.len());
+        if n > 1 && self.runner.device.is_cpu() {
+            (0..n).map(|p| crate::dist::share_of(share, p, n)).collect()
+        } else {
+            vec![share.to_vec()]
+        }
+    }
+
+    /// Forward and backward of one part of a micro-batch: its loss (normalised over the step),
+    /// every parameter's gradient and its metric sums. Each part has its own decoder and
+    /// gradient sink, so parts can run at once.
+    fn part(
+        &self,
+        examples: &Examples,
+        rows: &[usize],
+        step_count: f64,
+        genrm_counts: [f64; 2],
+    ) -> Result<PartGrads> {
+        // The embedding's and head's gradients are summed in place here, not in candle's store
+        // (at Qwen2.5-0.5B that store's copies of the tied 545 MB embedding set the step's peak).
+        let sink = GradSink::new();
+        let decoder = self.decoder(self.dtype)?.with_grad_sink(sink.clone());
+        let r = self
+            .runner
+            .micro(&decoder, examples, rows, "train", genrm_counts)?;
+        let loss = (r.loss_sum / step_count)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = loss.backward()?;
+        let mut grads = BTreeMap::new();
+        for (name, var) in &self.vars {
+            let stored = match store.get(var.as_tensor()) {
+                Some(g) => Some(g.to_dtype(DType::F32)?),
+                None => None,
+            };
+            let g = match (stored, sink.take(var.as_tensor())) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                (a, b) => a.or(b),
+            };
+            if let Some(g) = g {
+                grads.insert(name.clone(), g);
+            }
+        }
+        if !sink.is_empty() {
+            // Only parameters' gradients go to the sink, and all were just taken.
+            return Err(Error::invalid(format!(
+                "internal: {} gradients of non-parameters left in the gradient sink",
+                sink.len()
+            )));
+        }
+        Ok(PartGrads {
+            loss: loss_value,
+            grads,
+            metric_sums: r.metric_sums,
+            tokens: r.real_tokens,
         })
     }
 
@@ -1311,6 +1379,150 @@ fn run_fingerprint(config: &TrainConfig, inputs: &TrainInputs) -> u64 {
 mod tests {
     use super::{normalized_edit_distance, plan_epoch, Examples};
     use crate::data::TokenizedSequence;
+
+    mod parts {
+        use std::collections::BTreeMap;
+        use std::path::Path;
+
+        use candle_core::{DType, Device, Tensor};
+
+        use super::super::{DpoParams, Examples, Runner, StepEngine, TrainConfig};
+        use crate::data::TokenizedSequence;
+        use crate::model::{init::random_params, Decoder, ModelConfig};
+
+        fn config() -> ModelConfig {
+            let raw = serde_json::json!({
+                "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+                "hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 97,
+                "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+                "tie_word_embeddings": true
+            });
+            ModelConfig::from_value(raw, Path::new("test")).unwrap()
+        }
+
+        /// Six SFT rows of different lengths, targets on their second half.
+        fn rows() -> Examples {
+            Examples::Sequences(
+                (0..6)
+                    .map(|r| {
+                        let n = 9 + 3 * r;
+                        TokenizedSequence {
+                            input_ids: (0..n).map(|i| ((i * 7 + r * 13) % 97) as u32).collect(),
+                            targets: (0..n).map(|i| i >= n / 2).collect(),
+                        }
+                    })
+                    .collect(),
+            )
+        }
+
+        fn engine(config: &TrainConfig) -> StepEngine<'_> {
+            let model = config_decoder();
+            let runner = Runner {
+                config,
+                objective: config.objective,
+                device: Device::Cpu,
+                pad_id: 0,
+                verdict_ids: None,
+                stop_ids: Vec::new(),
+                dpo: DpoParams {
+                    beta: config.beta,
+                    label_smoothing: config.label_smoothing,
+                    loss_type: config.loss_type,
+                },
+                reference: BTreeMap::new(),
+                win_rate: None,
+            };
+            StepEngine::new(runner, model, DType::F32).unwrap()
+        }
+
+        fn config_decoder() -> Decoder {
+            let c = config();
+            let params = random_params(&c, 5, DType::F32, &Device::Cpu).unwrap();
+            Decoder::from_params(c, params).unwrap()
+        }
+
+        fn weights(e: &StepEngine) -> Vec<(String, Vec<u32>)> {
+            e.vars
+                .iter()
+                .map(|(n, v)| {
+                    let bits = v
+                        .as_tensor()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    (n.clone(), bits.into_iter().map(f32::to_bits).collect())
+                })
+                .collect()
+        }
+
+        /// With `cpu_parts = 2` each micro-batch runs in two parts; the split, and so every
+        /// bit of the step, is the same whether one thread or two run it. The default runs
+        /// whole batches.
+        #[test]
+        fn a_step_gives_the_same_bits_on_one_thread_and_on_two() {
+            let config = TrainConfig {
+                cpu_parts: 2,
+                ..Default::default()
+            };
+            let examples = rows();
+            let batch = vec![(0..6).collect::<Vec<usize>>()];
+            let run = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| {
+                    let default = TrainConfig::default();
+                    assert_eq!(engine(&default).local_parts(&batch[0]).len(), 1);
+                    let mut e = engine(&config);
+                    assert_eq!(e.local_parts(&batch[0]).len(), 2);
+                    let out = e.step(&examples, &batch, 1e-3).unwrap();
+                    (out.loss.to_bits(), out.grad_norm.to_bits(), weights(&e))
+                })
+            };
+            assert!(run(1) == run(2));
+        }
+
+        /// The parts' gradients sum to the whole batch's (float summation order aside), with
+        /// the loss normalised over the whole step's targets.
+        #[test]
+        fn the_parts_sum_to_the_whole_batch() {
+            let config = TrainConfig {
+                cpu_parts: 2,
+                ..Default::default()
+            };
+            let examples = rows();
+            let e = engine(&config);
+            let share: Vec<usize> = (0..6).collect();
+            let step_count = e.runner.count(&examples, &share);
+            let whole = e.part(&examples, &share, step_count, [0.0; 2]).unwrap();
+            let parts = e.local_parts(&share);
+            assert_eq!(parts, vec![vec![0, 2, 4], vec![1, 3, 5]]);
+            let a = e.part(&examples, &parts[0], step_count, [0.0; 2]).unwrap();
+            let b = e.part(&examples, &parts[1], step_count, [0.0; 2]).unwrap();
+            assert!((a.loss + b.loss - whole.loss).abs() < 1e-6 * whole.loss.abs());
+            assert_eq!(a.tokens + b.tokens, whole.tokens);
+            assert_eq!(whole.grads.len(), e.vars.len());
+            for (name, g) in &whole.grads {
+                let sum: Tensor = (&a.grads[name] + &b.grads[name]).unwrap();
+                let diff = (sum - g).unwrap().abs().unwrap().max_all().unwrap();
+                let scale = g
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = diff.to_scalar::<f32>().unwrap();
+                assert!(
+                    diff <= 1e-5 * scale + 1e-9,
+                    "{name}: {diff} (scale {scale})"
+                );
+            }
+        }
+    }
 
     /// 400 rows of 4 lengths, in blocks of one length (as a file sorted by difficulty is).
     fn rows_of_four_lengths() -> Examples {
