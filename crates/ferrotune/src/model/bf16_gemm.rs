@@ -689,31 +689,43 @@ mod avx512 {
             let (ib, jb) = (block % m_blocks, block / m_blocks);
             let i_panels = ib * mc..((ib + 1) * mc).min(m_panels);
             let j_panels = jb * nc..((jb + 1) * nc).min(n_panels);
-            let mut p0 = 0;
-            while p0 < pairs {
-                let kc = KC_PAIRS.min(pairs - p0);
-                let load = accumulate || p0 > 0;
-                for jp in j_panels.clone() {
-                    let cols = NR.min(n - jp * NR);
-                    for ip in i_panels.clone() {
-                        let rows = MR.min(m - ip * MR);
-                        // SAFETY: the panels hold `pairs` pairs each; tile (ip, jp) of C
-                        // belongs to this block alone.
-                        unsafe {
-                            tile(
-                                kc,
-                                ap.get().add(ip * MR * pairs + p0 * MR),
-                                bp.get().add(jp * NR * pairs + p0 * NR),
-                                c_ptr.get().add(ip * MR * n + jp * NR),
-                                n,
-                                rows,
-                                cols,
-                                load,
-                            );
+            // SAFETY: the panels hold `pairs` pairs each; tile (ip, jp) of C belongs to this
+            // block alone.
+            let run = |ip: usize, jp: usize, p0: usize, kc: usize| unsafe {
+                tile(
+                    kc,
+                    ap.get().add(ip * MR * pairs + p0 * MR),
+                    bp.get().add(jp * NR * pairs + p0 * NR),
+                    c_ptr.get().add(ip * MR * n + jp * NR),
+                    n,
+                    MR.min(m - ip * MR),
+                    NR.min(n - jp * NR),
+                    accumulate || p0 > 0,
+                )
+            };
+            let chunks = || {
+                (0..pairs)
+                    .step_by(KC_PAIRS)
+                    .map(|p0| (p0, KC_PAIRS.min(pairs - p0)))
+            };
+            if i_panels.len() == 1 {
+                // One panel of rows (decode): each B panel is streamed start to end, one
+                // sequential read, while A's few rows stay in L1.
+                for jp in j_panels {
+                    for (p0, kc) in chunks() {
+                        run(i_panels.start, jp, p0, kc);
+                    }
+                }
+            } else {
+                // Depth chunks outermost: a B tile is reused by every row panel of the block
+                // and the block's A chunk by every column panel, both from cache.
+                for (p0, kc) in chunks() {
+                    for jp in j_panels.clone() {
+                        for ip in i_panels.clone() {
+                            run(ip, jp, p0, kc);
                         }
                     }
                 }
-                p0 += kc;
             }
         });
     }
@@ -818,6 +830,8 @@ mod tests {
             (25, 70, 1),
             (5, 3, 300),
             (30, 65, 258),
+            // One row panel (decode's loop order) over several column panels and depth chunks.
+            (8, 70, 600),
         ];
         for path in paths() {
             for (s, &shape) in shapes.iter().enumerate() {
