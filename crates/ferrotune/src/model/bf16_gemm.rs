@@ -103,6 +103,23 @@ pub fn native_bf16() -> bool {
     detected_path() == Path::Avx512
 }
 
+/// Products smaller than this many multiply-adds, whose B is also small enough to stay in
+/// cache, run on the calling thread: handing half of a few microseconds of work to another
+/// thread and waiting for it costs more than it saves (decode of a small model is all such
+/// products). A large B is split even at one row, where the cores' combined bandwidth pays.
+const SERIAL_MACS: usize = 1 << 20;
+const SERIAL_B_ELEMENTS: usize = 1 << 19;
+
+/// The workers a product of these dimensions gets out of `threads` (results do not depend on
+/// it: every tile sums its depth blocks in the same order however the tiles are shared).
+fn threads_for((m, n, k): (usize, usize, usize), threads: usize) -> usize {
+    if m * n * k < SERIAL_MACS && n * k < SERIAL_B_ELEMENTS {
+        1
+    } else {
+        threads
+    }
+}
+
 /// `c[m×n] = (accumulate ? c : 0) + bf16(a)[m×k] · bf16(b)[k×n]`, accumulated in f32. `c` is
 /// row-major with `n` columns. `threads` workers share the work (1: the calling thread).
 #[allow(clippy::too_many_arguments)]
@@ -242,6 +259,7 @@ unsafe fn matmul_packed_into(
     let (n, k) = (b.n, b.k);
     a.check(m, k, "A");
     assert!(c.len() >= m * n, "bf16 gemm: destination too small");
+    let threads = threads_for((m, n, k), threads);
     let c = &mut c[..m * n];
     if m == 0 || n == 0 {
         return;
