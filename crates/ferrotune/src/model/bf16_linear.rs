@@ -10,7 +10,6 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
 
 use super::bf16_gemm::{matmul_to_vec, Operand};
 use super::fused::{cpu_error, f32_slice, two_input_grads};
-use super::grad_sink::GradSink;
 use super::ops;
 use crate::error::Result;
 
@@ -23,8 +22,6 @@ struct LinearBf16 {
     rows: usize,
     inputs: usize,
     outputs: usize,
-    /// Where the weight's gradient goes when it is a parameter ([`GradSink`]).
-    sink: Option<GradSink>,
 }
 
 impl LinearBf16 {
@@ -85,8 +82,7 @@ impl CustomOp2 for LinearBf16 {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = two_input_grads(x, w, grad_res, |xs, ws, g| self.backward(xs, ws, g))?;
-        Ok((dx, GradSink::divert(self.sink.as_ref(), w, dw)?))
+        two_input_grads(x, w, grad_res, |xs, ws, g| self.backward(xs, ws, g))
     }
 }
 
@@ -94,17 +90,6 @@ impl CustomOp2 for LinearBf16 {
 /// f32 accumulation on the CPU (f32 tensors); gradients reach `x`, `weight` and `bias`. The
 /// bias is added in f32 by the ordinary broadcast op.
 pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_bf16_with_sink(x, weight, bias, None)
-}
-
-/// [`linear_bf16`], with the weight's gradient sent to `sink` when the weight is a parameter
-/// (the training step's path: see [`GradSink`]).
-pub fn linear_bf16_with_sink(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    sink: Option<&GradSink>,
-) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return ops::linear(x, weight, bias);
     }
@@ -122,7 +107,6 @@ pub fn linear_bf16_with_sink(
         rows,
         inputs,
         outputs,
-        sink: sink.cloned(),
     };
     let x2 = x.reshape((rows, inputs))?.contiguous()?;
     let out = x2.apply_op2(&weight.contiguous()?, op)?;

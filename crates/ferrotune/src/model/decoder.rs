@@ -208,8 +208,8 @@ impl Decoder {
         self.bf16_linears
     }
 
-    /// Sends the gradients of the embedding, of the bf16 linear layers' weights (and, through
-    /// [`Decoder::grad_sink`], of the head) to `sink` instead of candle's store when they are f32 CPU parameters: the
+    /// Sends the gradients of the embedding (and, through [`Decoder::grad_sink`], of the
+    /// head) to `sink` instead of candle's store when they are f32 CPU parameters: the
     /// training step's path, which sums them in place ([`GradSink`]).
     pub fn with_grad_sink(mut self, sink: GradSink) -> Self {
         self.grad_sink = Some(sink);
@@ -244,7 +244,7 @@ impl Decoder {
         if step && x.device().is_cpu() && weight.dtype() == DType::F32 {
             return prepacked_linear(x, weight, bias, packed);
         }
-        bf16_linear::linear_bf16_with_sink(x, weight, bias, self.grad_sink.as_ref())
+        bf16_linear::linear_bf16(x, weight, bias)
     }
 
     pub fn config(&self) -> &ModelConfig {
