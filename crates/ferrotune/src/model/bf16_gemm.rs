@@ -110,8 +110,9 @@ pub fn native_bf16() -> bool {
 const SERIAL_MACS: usize = 1 << 20;
 const SERIAL_B_ELEMENTS: usize = 1 << 19;
 
-/// The workers a product of these dimensions gets out of `threads` (results do not depend on
-/// it: every tile sums its depth blocks in the same order however the tiles are shared).
+/// The workers a product of these dimensions gets out of `threads`, for its packing and its
+/// tiles (results do not depend on it: every tile sums its depth blocks in the same order
+/// however the tiles are shared).
 fn threads_for((m, n, k): (usize, usize, usize), threads: usize) -> usize {
     if m * n * k < SERIAL_MACS && n * k < SERIAL_B_ELEMENTS {
         1
@@ -144,7 +145,7 @@ fn matmul_on(
     accumulate: bool,
     threads: usize,
 ) {
-    let packed = PackedB::new_on(path, b, (n, k), threads);
+    let packed = PackedB::new_on(path, b, (n, k), threads_for((m, n, k), threads));
     matmul_packed(m, a, &packed, c, accumulate, threads);
 }
 
@@ -212,7 +213,7 @@ pub fn matmul_to_vec(
     b: Operand,
     threads: usize,
 ) -> Vec<f32> {
-    let packed = PackedB::new(b, (n, k), threads);
+    let packed = PackedB::new(b, (n, k), threads_for((m, n, k), threads));
     matmul_packed_to_vec(m, a, &packed, threads)
 }
 
@@ -225,7 +226,7 @@ pub fn matmul_uninit(
     c: &mut [MaybeUninit<f32>],
     threads: usize,
 ) {
-    let packed = PackedB::new(b, (n, k), threads);
+    let packed = PackedB::new(b, (n, k), threads_for((m, n, k), threads));
     // SAFETY: without `accumulate` nothing in `c` is read before it is written.
     unsafe { matmul_packed_into(m, a, &packed, c, false, threads) }
 }
