@@ -18,7 +18,7 @@ pub mod ops;
 pub mod params;
 pub mod rope;
 #[cfg(test)]
-mod test_tensors;
+pub(crate) mod test_tensors;
 
 pub use config::{Family, Head, ModelConfig, RopeScaling};
 pub use decoder::{Decoder, LogitsAt};

@@ -1,6 +1,7 @@
-//! Tensors for the kernel tests of this module (fused*.rs, bf16_linear.rs): seeded uniform
-//! values, a loss that weighs every element differently, the largest element-wise difference
-//! of two tensors, and the check that a kernel's gradients equal its composed reference's.
+//! Tensors for the kernel tests of this module (fused*.rs, bf16_linear.rs) and the trainer's:
+//! seeded uniform values, a loss that weighs every element differently, the largest
+//! element-wise difference of two tensors, and the check that a kernel's gradients equal its
+//! composed reference's.
 
 use candle_core::{Device, Tensor, Var};
 

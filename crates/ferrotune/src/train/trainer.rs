@@ -247,7 +247,32 @@ struct Runner<'a> {
     win_rate: Option<super::win_rate_eval::WinRateEval>,
 }
 
-impl Runner<'_> {
+impl<'a> Runner<'a> {
+    /// A runner of `config`'s objective on `device` with DPO reference log-probs `reference`:
+    /// padding id 0, no GenRM verdict ids, no stop ids, no win-rate evaluation (what a step
+    /// needs; `run` sets the rest).
+    fn new(
+        config: &'a TrainConfig,
+        device: Device,
+        reference: BTreeMap<&'static str, Vec<(f32, f32)>>,
+    ) -> Self {
+        Runner {
+            config,
+            objective: config.objective,
+            device,
+            pad_id: 0,
+            verdict_ids: None,
+            stop_ids: Vec::new(),
+            dpo: DpoParams {
+                beta: config.beta,
+                label_smoothing: config.label_smoothing,
+                loss_type: config.loss_type,
+            },
+            reference,
+            win_rate: None,
+        }
+    }
+
     fn count(&self, examples: &Examples, batch: &[usize]) -> f64 {
         match examples {
             Examples::Sequences(s) => batch
@@ -712,6 +737,24 @@ pub fn compute_decoder(
     vars: &BTreeMap<String, Var>,
     dtype: DType,
 ) -> Result<Decoder> {
+    compute_weights(vars, dtype)?.decoder(config)
+}
+
+/// The weights of [`compute_decoder`]: cast once, shared by every decoder of a step.
+struct ComputeWeights {
+    params: BTreeMap<String, Tensor>,
+    /// bf16 autocast on the CPU (f32 weights, bf16 products).
+    autocast: bool,
+}
+
+impl ComputeWeights {
+    fn decoder(&self, config: &ModelConfig) -> Result<Decoder> {
+        Ok(Decoder::from_params(config.clone(), self.params.clone())?
+            .with_bf16_linears(self.autocast))
+    }
+}
+
+fn compute_weights(vars: &BTreeMap<String, Var>, dtype: DType) -> Result<ComputeWeights> {
     // candle's CPU matmul has no bf16 kernel; ours (bf16_linear) accumulates in f32.
     let autocast = dtype == DType::BF16 && vars.values().all(|v| v.device().is_cpu());
     let mut params = BTreeMap::new();
@@ -724,10 +767,9 @@ pub fn compute_decoder(
         };
         params.insert(name.clone(), t);
     }
-    Ok(Decoder::from_params(config.clone(), params)?.with_bf16_linears(autocast))
+    Ok(ComputeWeights { params, autocast })
 }
 
-/// Master weights, optimizer and the objective's step: what one optimizer step needs. Shared
 /// Master weights, optimizer and the objective's step: what one optimizer step needs. Shared
 /// by `run` and the benchmark command, so the benchmark times the real step.
 pub struct StepEngine<'a> {
@@ -823,6 +865,8 @@ impl<'a> StepEngine<'a> {
             .map(|b| self.runner.count(examples, b))
             .sum::<f64>()
             .max(1.0);
+        // The weights in the compute dtype, cast once for every part of every micro-batch.
+        let weights = compute_weights(&self.vars, self.dtype)?;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss_value = 0f64;
         let mut metric_sums: Vec<(&'static str, f64)> = Vec::new();
@@ -839,7 +883,7 @@ impl<'a> StepEngine<'a> {
                 continue;
             }
             let parts = self.local_parts(&share);
-            let run = |p: &Vec<usize>| self.part(examples, p, step_count, genrm_counts);
+            let run = |p: &Vec<usize>| self.part(&weights, examples, p, step_count, genrm_counts);
             let results: Vec<Result<PartGrads>> =
                 if parts.len() > 1 && rayon::current_num_threads() > 1 {
                     use rayon::prelude::*;
@@ -925,6 +969,7 @@ impl<'a> StepEngine<'a> {
     /// gradient sink, so parts can run at once.
     fn part(
         &self,
+        weights: &ComputeWeights,
         examples: &Examples,
         rows: &[usize],
         step_count: f64,
@@ -933,7 +978,9 @@ impl<'a> StepEngine<'a> {
         // The embedding's and head's gradients are summed in place here, not in candle's store
         // (at Qwen2.5-0.5B that store's copies of the tied 545 MB embedding set the step's peak).
         let sink = GradSink::new();
-        let decoder = self.decoder(self.dtype)?.with_grad_sink(sink.clone());
+        let decoder = weights
+            .decoder(&self.model_config)?
+            .with_grad_sink(sink.clone());
         let r = self
             .runner
             .micro(&decoder, examples, rows, "train", genrm_counts)?;
@@ -1040,21 +1087,7 @@ pub fn time_steps_with_allreduce(
     let device = decoder.device().clone();
     let dtype = parse_dtype(&config.precision)?;
     let reference = BTreeMap::from([("train", vec![(0f32, 0f32); examples.len()])]);
-    let runner = Runner {
-        config,
-        objective: config.objective,
-        device,
-        pad_id: 0,
-        verdict_ids: None,
-        stop_ids: Vec::new(),
-        dpo: DpoParams {
-            beta: config.beta,
-            label_smoothing: config.label_smoothing,
-            loss_type: config.loss_type,
-        },
-        reference,
-        win_rate: None,
-    };
+    let runner = Runner::new(config, device, reference);
     let mut engine = StepEngine::new(runner, decoder, dtype)?;
     engine.optimizer.init_moments(&engine.vars)?;
     let batch: Vec<usize> = (0..config.batch_size.min(examples.len())).collect();
@@ -1116,23 +1149,15 @@ pub fn run(config: &TrainConfig, inputs: TrainInputs) -> Result<RunSummary> {
         BTreeMap::new()
     };
     let runner = Runner {
-        config,
-        objective: config.objective,
-        device: device.clone(),
         pad_id: inputs.pad_id,
         verdict_ids: inputs.verdict_ids,
         stop_ids: inputs.stop_ids.clone(),
-        dpo: DpoParams {
-            beta: config.beta,
-            label_smoothing: config.label_smoothing,
-            loss_type: config.loss_type,
-        },
-        reference,
         win_rate: super::win_rate_eval::WinRateEval::new(
             config,
             &inputs.win_rate_prompts,
             &device,
         )?,
+        ..Runner::new(config, device.clone(), reference)
     };
 
     if config.eval_only {
@@ -1386,8 +1411,9 @@ mod tests {
 
         use candle_core::{DType, Device, Tensor};
 
-        use super::super::{DpoParams, Examples, Runner, StepEngine, TrainConfig};
+        use super::super::{Examples, Runner, StepEngine, TrainConfig};
         use crate::data::TokenizedSequence;
+        use crate::model::test_tensors::max_abs_diff;
         use crate::model::{init::random_params, Decoder, ModelConfig};
 
         fn config() -> ModelConfig {
@@ -1418,21 +1444,7 @@ mod tests {
 
         fn engine(config: &TrainConfig) -> StepEngine<'_> {
             let model = config_decoder();
-            let runner = Runner {
-                config,
-                objective: config.objective,
-                device: Device::Cpu,
-                pad_id: 0,
-                verdict_ids: None,
-                stop_ids: Vec::new(),
-                dpo: DpoParams {
-                    beta: config.beta,
-                    label_smoothing: config.label_smoothing,
-                    loss_type: config.loss_type,
-                },
-                reference: BTreeMap::new(),
-                win_rate: None,
-            };
+            let runner = Runner::new(config, Device::Cpu, BTreeMap::new());
             StepEngine::new(runner, model, DType::F32).unwrap()
         }
 
@@ -1497,25 +1509,23 @@ mod tests {
             let e = engine(&config);
             let share: Vec<usize> = (0..6).collect();
             let step_count = e.runner.count(&examples, &share);
-            let whole = e.part(&examples, &share, step_count, [0.0; 2]).unwrap();
+            let w = super::super::compute_weights(&e.vars, DType::F32).unwrap();
+            let whole = e.part(&w, &examples, &share, step_count, [0.0; 2]).unwrap();
             let parts = e.local_parts(&share);
             assert_eq!(parts, vec![vec![0, 2, 4], vec![1, 3, 5]]);
-            let a = e.part(&examples, &parts[0], step_count, [0.0; 2]).unwrap();
-            let b = e.part(&examples, &parts[1], step_count, [0.0; 2]).unwrap();
+            let a = e
+                .part(&w, &examples, &parts[0], step_count, [0.0; 2])
+                .unwrap();
+            let b = e
+                .part(&w, &examples, &parts[1], step_count, [0.0; 2])
+                .unwrap();
             assert!((a.loss + b.loss - whole.loss).abs() < 1e-6 * whole.loss.abs());
             assert_eq!(a.tokens + b.tokens, whole.tokens);
             assert_eq!(whole.grads.len(), e.vars.len());
             for (name, g) in &whole.grads {
                 let sum: Tensor = (&a.grads[name] + &b.grads[name]).unwrap();
-                let diff = (sum - g).unwrap().abs().unwrap().max_all().unwrap();
-                let scale = g
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
-                let diff = diff.to_scalar::<f32>().unwrap();
+                let diff = max_abs_diff(&sum, g);
+                let scale = max_abs_diff(g, &g.zeros_like().unwrap());
                 assert!(
                     diff <= 1e-5 * scale + 1e-9,
                     "{name}: {diff} (scale {scale})"
