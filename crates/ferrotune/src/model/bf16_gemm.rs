@@ -17,9 +17,10 @@
 //!   indices; inside a panel, depth pair `p` of index `w` is the u32 at `p * width + w`
 //!   (low half = even depth), zero-padded past the matrix edge and past an odd K. Packing
 //!   converts with `vcvtne2ps2bf16` (RNE), and is O(MK + NK) against O(MNK) for the product.
-//!   A depth-inner source gives 16 pairs of one index per conversion, scattered down the
-//!   panel; a depth-outer source gives one pair row for 16 indices at once, interleaved with
-//!   a single 16-bit permute. A B used by several products is packed once ([`PackedB`]): the
+//!   A depth-inner source gives 16 pairs of one index per conversion; 16 indices' worth are
+//!   transposed in registers so each pair row of the panel is one vector store. A depth-outer
+//!   source gives one pair row for 16 indices at once, interleaved with a single 16-bit
+//!   permute, and is walked row by row across all panels (whole cache lines, read once). A B used by several products is packed once ([`PackedB`]): the
 //!   LM head across the chunks of a pass, and each weight across decode steps (the decoder
 //!   keeps its weights' panels for `forward_step`, half the bytes of the f32 weights).
 //! - **Microkernel.** `MR × NR = 12 × 32` f32 accumulators in 24 of the 32 zmm registers: per
@@ -418,26 +419,29 @@ impl<T> SharedMut<T> {
     }
 }
 
-/// A zeroed u32 buffer whose usable part starts on a 64-byte boundary (whole zmm loads never
-/// straddle cache lines).
+/// A u32 buffer whose usable part starts on a 64-byte boundary (whole zmm loads never
+/// straddle cache lines). Its contents start uninitialised: the packers write every element,
+/// padding included, so no zero fill (and no first-touch page zeroing) is paid for.
 struct Aligned {
-    buf: Vec<u32>,
+    buf: Vec<MaybeUninit<u32>>,
     start: usize,
 }
 
 impl Aligned {
-    fn zeroed(len: usize) -> Self {
-        let buf = vec![0u32; len + 16];
+    fn uninit(len: usize) -> Self {
+        let mut buf: Vec<MaybeUninit<u32>> = Vec::with_capacity(len + 16);
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { buf.set_len(len + 16) };
         let start = buf.as_ptr().align_offset(64).min(16);
         Aligned { buf, start }
     }
 
     fn ptr(&self) -> *const u32 {
-        self.buf[self.start..].as_ptr()
+        self.buf[self.start..].as_ptr().cast()
     }
 
     fn ptr_mut(&mut self) -> *mut u32 {
-        self.buf[self.start..].as_mut_ptr()
+        self.buf[self.start..].as_mut_ptr().cast()
     }
 }
 
@@ -448,6 +452,7 @@ mod avx512 {
 
     /// Packs `count` indices of `op` (depth `depth`) into panels of `width`: see the module
     /// header for the layout. Returns the buffer; panel `p` starts at `p * width * pairs`.
+    /// Every element is written, the zero padding included.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pack(
         op: Operand,
@@ -459,24 +464,34 @@ mod avx512 {
         let pairs = depth.div_ceil(2);
         let panels = count.div_ceil(width);
         let panel_len = width * pairs;
-        let mut out = Aligned::zeroed(panels * panel_len);
+        let mut out = Aligned::uninit(panels * panel_len);
         let dst = SharedMut(out.ptr_mut());
-        for_each_task(threads, panels, |p| {
-            // SAFETY: panel p owns dst[p*panel_len..(p+1)*panel_len]; sources are checked.
-            unsafe {
-                let panel = dst.get().add(p * panel_len);
-                let first = p * width;
-                let live = width.min(count - first);
-                match op {
-                    Operand::DepthInner { data, ld } => {
-                        pack_depth_inner(data.as_ptr(), ld, first, live, depth, width, panel)
-                    }
-                    Operand::DepthOuter { data, ld } => {
-                        pack_depth_outer(data.as_ptr(), ld, first, live, depth, width, panel)
-                    }
+        match op {
+            Operand::DepthInner { data, ld } => for_each_task(threads, panels, |p| {
+                // SAFETY: panel p owns dst[p*panel_len..(p+1)*panel_len]; the source is
+                // checked by the caller.
+                unsafe {
+                    let first = p * width;
+                    let live = width.min(count - first);
+                    let panel = dst.get().add(p * panel_len);
+                    pack_depth_inner(data.as_ptr(), ld, first, live, depth, width, panel)
                 }
+            }),
+            // Tasks own a range of depth pairs across every panel, so each reads whole source
+            // rows front to back (a task per panel read a narrow strided column of them,
+            // each cache line fetched again for the next panel).
+            Operand::DepthOuter { data, ld } => {
+                const CHUNK: usize = 16;
+                for_each_task(threads, pairs.div_ceil(CHUNK), |t| {
+                    let rows = t * CHUNK..((t + 1) * CHUNK).min(pairs);
+                    // SAFETY: this task alone writes pairs `rows` of every panel; the source
+                    // is checked by the caller.
+                    unsafe {
+                        pack_depth_outer(data.as_ptr(), ld, count, depth, width, rows, dst.get())
+                    }
+                })
             }
-        });
+        }
         out
     }
 
@@ -500,8 +515,40 @@ mod avx512 {
         std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo))
     }
 
-    /// Depth-contiguous source: each index's row is converted 32 depths at a time and its 16
-    /// pairs written down the panel's column.
+    /// Transposes 16 × 16 u32: on return `v[j]` lane `i` holds what `v[i]` lane `j` held.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn transpose16(v: &mut [__m512i; 16]) {
+        // Interleave rows 2i and 2i+1 by 32-bit element within each 128-bit lane.
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        // c[4g + k] lane L: column 4L + k of rows 4g..4g+4.
+        let mut c = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let (a01, b01, a23, b23) = (t[4 * g], t[4 * g + 1], t[4 * g + 2], t[4 * g + 3]);
+            c[4 * g] = _mm512_unpacklo_epi64(a01, a23);
+            c[4 * g + 1] = _mm512_unpackhi_epi64(a01, a23);
+            c[4 * g + 2] = _mm512_unpacklo_epi64(b01, b23);
+            c[4 * g + 3] = _mm512_unpackhi_epi64(b01, b23);
+        }
+        // Column 4L + k gathers lane L of c[k], c[4 + k], c[8 + k], c[12 + k].
+        for k in 0..4 {
+            let x0 = _mm512_shuffle_i32x4::<0x44>(c[k], c[4 + k]);
+            let x1 = _mm512_shuffle_i32x4::<0xEE>(c[k], c[4 + k]);
+            let y0 = _mm512_shuffle_i32x4::<0x44>(c[8 + k], c[12 + k]);
+            let y1 = _mm512_shuffle_i32x4::<0xEE>(c[8 + k], c[12 + k]);
+            v[k] = _mm512_shuffle_i32x4::<0x88>(x0, y0);
+            v[4 + k] = _mm512_shuffle_i32x4::<0xDD>(x0, y0);
+            v[8 + k] = _mm512_shuffle_i32x4::<0x88>(x1, y1);
+            v[12 + k] = _mm512_shuffle_i32x4::<0xDD>(x1, y1);
+        }
+    }
+
+    /// Depth-contiguous source, one panel: 16 indices at a time, each row's next 32 depths
+    /// are converted to 16 pairs, the 16 × 16 block transposed in registers, and each pair
+    /// row of the panel written with one vector store (rows past `live` are zeros).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pack_depth_inner(
         src: *const f32,
@@ -512,33 +559,38 @@ mod avx512 {
         width: usize,
         panel: *mut u32,
     ) {
-        let mut tmp = [0u32; 16];
-        for w in 0..live {
-            let row = src.add((first + w) * ld);
+        for g in (0..width).step_by(16) {
+            let rows = live.saturating_sub(g).min(16);
+            let store = lanes(width - g);
             let mut d = 0;
             while d < depth {
                 let n = (depth - d).min(32);
-                _mm512_storeu_si512(tmp.as_mut_ptr().cast(), pairs_of(row.add(d), n));
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (r, row) in v.iter_mut().enumerate().take(rows) {
+                    *row = pairs_of(src.add((first + g + r) * ld + d), n);
+                }
+                transpose16(&mut v);
                 let p0 = d / 2;
-                for (j, &v) in tmp.iter().enumerate().take(n.div_ceil(2)) {
-                    *panel.add((p0 + j) * width + w) = v;
+                for (j, row) in v.iter().enumerate().take(n.div_ceil(2)) {
+                    _mm512_mask_storeu_epi32(panel.add((p0 + j) * width + g).cast(), store, *row);
                 }
                 d += 32;
             }
         }
     }
 
-    /// Index-contiguous source: for each depth pair, two rows of up to 16 indices are
-    /// converted together and interleaved into 16 pairs.
+    /// Index-contiguous source, depth pairs `rows` of every panel: for each pair, the even
+    /// and odd source rows are converted together 16 indices at a time and interleaved into
+    /// 16 pairs (indices past `count` and a missing odd row are zeros).
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pack_depth_outer(
         src: *const f32,
         ld: usize,
-        first: usize,
-        live: usize,
+        count: usize,
         depth: usize,
         width: usize,
-        panel: *mut u32,
+        rows: std::ops::Range<usize>,
+        out: *mut u32,
     ) {
         // bf16 j of the even row sits at 16-bit lane j, of the odd row at lane 16 + j.
         let interleave = _mm512_set_epi16(
@@ -546,22 +598,26 @@ mod avx512 {
             4, 19, 3, 18, 2, 17, 1, 16, 0,
         );
         let zero = _mm512_setzero_ps();
-        for p in 0..depth.div_ceil(2) {
-            let even = src.add(2 * p * ld + first);
+        let panel_len = width * depth.div_ceil(2);
+        for p in rows {
+            let even = src.add(2 * p * ld);
             let has_odd = 2 * p + 1 < depth;
-            let mut c = 0;
-            while c < live {
-                let mask = lanes(live - c);
-                let lo = _mm512_maskz_loadu_ps(mask, even.add(c));
-                let hi = if has_odd {
-                    _mm512_maskz_loadu_ps(mask, even.add(ld + c))
-                } else {
-                    zero
-                };
-                let bf = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
-                let pairs = _mm512_permutexvar_epi16(interleave, bf);
-                _mm512_mask_storeu_epi32(panel.add(p * width + c).cast(), mask, pairs);
-                c += 16;
+            for first in (0..count).step_by(width) {
+                let live = width.min(count - first);
+                let dst = out.add(first / width * panel_len + p * width);
+                for c in (0..width).step_by(16) {
+                    // wrapping: with no live lane the address is never dereferenced.
+                    let mask = lanes(live.saturating_sub(c));
+                    let lo = _mm512_maskz_loadu_ps(mask, even.wrapping_add(first + c));
+                    let hi = if has_odd {
+                        _mm512_maskz_loadu_ps(mask, even.wrapping_add(ld + first + c))
+                    } else {
+                        zero
+                    };
+                    let bf = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+                    let pairs = _mm512_permutexvar_epi16(interleave, bf);
+                    _mm512_mask_storeu_epi32(dst.add(c).cast(), lanes(width - c), pairs);
+                }
             }
         }
     }
