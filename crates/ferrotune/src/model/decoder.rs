@@ -20,6 +20,7 @@ use super::bf16_linear;
 use super::bf16_matmul;
 use super::config::{Head, ModelConfig};
 use super::fused;
+use super::fused_attention;
 use super::fused_rope;
 use super::fused_softmax;
 use super::fused_swiglu;
@@ -339,8 +340,12 @@ impl Decoder {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
             let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, false)?;
-            let attn = self.attend(&q, &k, &v, &mask, false)?;
+            let attn = if self.bf16_linears && fused_attention::fuses(&[&normed, &mask]) {
+                self.attention_bf16(&layer.attention, &normed, &cos, &sin, &mask)?
+            } else {
+                let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, false)?;
+                self.attend(&q, &k, &v, &mask, false)?
+            };
             x = (x + self.linear(&attn, &layer.attention.o, false)?)?;
             let normed = fused::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
             x = (x + self.mlp(&layer.mlp, &normed, false)?)?;
@@ -492,6 +497,29 @@ impl Decoder {
         let k = fused_rope::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
         let v = heads(&a.v, c.num_key_value_heads)?.contiguous()?;
         Ok((q, k, v))
+    }
+
+    /// [`Decoder::qkv`] and [`Decoder::attend`] under bf16 autocast on the CPU, in the
+    /// fewest graph nodes: q and k rotated straight from their projections' `[B, T, H·D]`
+    /// layout, v read in it, and attention as one op ([`fused_attention`]) whose output is
+    /// already in the layout of the output projection's input.
+    fn attention_bf16(
+        &self,
+        a: &Attention,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let rotated = |p: &Proj, heads: usize| -> Result<Tensor> {
+            fused_rope::apply_rotary_to_heads(&self.linear(x, p, false)?, heads, cos, sin)
+        };
+        let q = rotated(&a.q, c.num_attention_heads)?;
+        let k = rotated(&a.k, c.num_key_value_heads)?;
+        let v = self.linear(x, &a.v, false)?;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        fused_attention::attention_bf16(&q, &k, &v, mask, scale)
     }
 
     /// Scaled dot-product attention with grouped KV heads. Query heads are folded into the KV

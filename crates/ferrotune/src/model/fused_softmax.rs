@@ -57,33 +57,7 @@ impl MaskedSoftmax {
                     y.write(x * self.scale + m);
                 }
                 // SAFETY: the loop above wrote the whole row.
-                let y = unsafe { assume_written(y) };
-                if self.fast_exp {
-                    let max = fast_exp::max(y);
-                    let inv = 1.0 / fast_exp::exp_in_place(y, max);
-                    for y in y.iter_mut() {
-                        *y *= inv;
-                    }
-                    continue;
-                }
-                let mut max = f32::NEG_INFINITY;
-                for &y in y.iter() {
-                    max = max.max(y);
-                }
-                // A row whose keys are all masked has every value near MASKED, so `max` is
-                // finite and the row comes out uniform, as the composed softmax gives it.
-                // Masked keys (`d` near −1e9) skip the call to `exp`: half the scores of a
-                // causal mask.
-                let mut sum = 0f32;
-                for y in y.iter_mut() {
-                    let d = *y - max;
-                    *y = if d < EXP_UNDERFLOW { 0.0 } else { d.exp() };
-                    sum += *y;
-                }
-                let inv = 1.0 / sum;
-                for y in y.iter_mut() {
-                    *y *= inv;
-                }
+                normalize_row(unsafe { assume_written(y) }, self.fast_exp);
             }
         });
     }
@@ -97,7 +71,7 @@ impl MaskedSoftmax {
                 let y = &probs[offset..offset + block.len()];
                 let dy = &grad[offset..offset + block.len()];
                 for ((dx, y), dy) in block.chunks_mut(s).zip(y.chunks(s)).zip(dy.chunks(s)) {
-                    let dot: f32 = y.iter().zip(dy).map(|(a, b)| a * b).sum();
+                    let dot = row_dot(y, dy);
                     for ((dx, &y), &dy) in dx.iter_mut().zip(y).zip(dy) {
                         dx.write(self.scale * y * (dy - dot));
                     }
@@ -107,6 +81,41 @@ impl MaskedSoftmax {
         // SAFETY: every row of every block is written, one element per element of `probs`.
         unsafe { new_written(probs.len(), write) }
     }
+}
+
+/// Turns one row of scaled, masked scores into probabilities in place: the max, the exps
+/// (through [`fast_exp`] with `fast_exp`, else `f32::exp`) and their sum, then a divide.
+pub(super) fn normalize_row(y: &mut [f32], fast_exp: bool) {
+    if fast_exp {
+        let max = fast_exp::max(y);
+        let inv = 1.0 / fast_exp::exp_in_place(y, max);
+        for y in y.iter_mut() {
+            *y *= inv;
+        }
+        return;
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &y in y.iter() {
+        max = max.max(y);
+    }
+    // A row whose keys are all masked has every value near MASKED, so `max` is finite and the
+    // row comes out uniform, as the composed softmax gives it. Masked keys (`d` near −1e9)
+    // skip the call to `exp`: half the scores of a causal mask.
+    let mut sum = 0f32;
+    for y in y.iter_mut() {
+        let d = *y - max;
+        *y = if d < EXP_UNDERFLOW { 0.0 } else { d.exp() };
+        sum += *y;
+    }
+    let inv = 1.0 / sum;
+    for y in y.iter_mut() {
+        *y *= inv;
+    }
+}
+
+/// `Σ y ⊙ dy` of one row: the softmax backward's `d scores = scale · y ⊙ (dy − Σ y ⊙ dy)`.
+pub(super) fn row_dot(y: &[f32], dy: &[f32]) -> f32 {
+    y.iter().zip(dy).map(|(a, b)| a * b).sum()
 }
 
 impl CustomOp2 for MaskedSoftmax {
