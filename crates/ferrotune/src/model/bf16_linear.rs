@@ -2,14 +2,18 @@
 //! own backward pass (autocast semantics: the weight, the input and every gradient stay f32;
 //! only the three products round their inputs to bf16, see [`super::bf16_gemm`]).
 //!
-//! Forward `y = x·wᵀ`, backward `dx = dy·w` and `dw = dyᵀ·x`, each one call of the bf16 GEMM
-//! on the tensors as stored (no transposed copies). On other devices, or for non-f32 tensors,
-//! it is the ordinary [`super::ops::linear`].
+//! Forward `y = x·wᵀ (+ b)`, backward `dx = dy·w`, `dw = dyᵀ·x` (each one call of the bf16
+//! GEMM on the tensors as stored, no transposed copies) and `db = Σ_rows dy`. The op takes
+//! `x` with any leading dimensions and adds the bias itself: a reshape to two dimensions and
+//! a broadcast add around it would be three more nodes in candle's graph, and its backward
+//! pass gives each node's gradient a zero fill and an add of the whole tensor (and sums the
+//! bias gradient one element at a time). On other devices, or for non-f32 tensors, it is the
+//! ordinary [`super::ops::linear`].
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::bf16_gemm::{matmul_to_vec, Operand};
-use super::fused::{cpu_error, f32_slice, two_input_grads};
+use super::fused::{cpu_error, f32_slice, two_input_grads, with_f32};
 use super::ops;
 use crate::error::Result;
 
@@ -17,22 +21,36 @@ fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 
-/// `x [rows, in] · w [out, in]ᵀ`.
+/// `x [.., in] · w [out, in]ᵀ (+ b [out])`, `rows` = the product of x's leading dimensions.
 struct LinearBf16 {
     rows: usize,
     inputs: usize,
     outputs: usize,
+    /// The output's shape: x's with the last dimension `outputs`.
+    shape: Shape,
 }
 
 impl LinearBf16 {
-    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+    fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         let (r, k, n) = (self.rows, self.inputs, self.outputs);
-        matmul_to_vec(
+        let bias_fits = bias.is_none_or(|b| b.len() == n);
+        if x.len() != r * k || w.len() != n * k || !bias_fits {
+            return Err(cpu_error("linear-bf16: input shapes changed"));
+        }
+        let mut y = matmul_to_vec(
             (r, n, k),
             Operand::DepthInner { data: x, ld: k },
             Operand::DepthInner { data: w, ld: k },
             threads(),
-        )
+        );
+        if let Some(b) = bias {
+            for row in y.chunks_mut(n) {
+                for (y, &b) in row.iter_mut().zip(b) {
+                    *y += b;
+                }
+            }
+        }
+        Ok(y)
     }
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
@@ -53,6 +71,17 @@ impl LinearBf16 {
         );
         (dx, dw)
     }
+
+    /// `db = Σ_rows dy`, row after row from zero (the order of candle's sum over rows).
+    fn bias_grad(&self, dy: &[f32]) -> Vec<f32> {
+        let mut db = vec![0f32; self.outputs];
+        for row in dy.chunks(self.outputs) {
+            for (d, &g) in db.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+        db
+    }
 }
 
 impl CustomOp2 for LinearBf16 {
@@ -67,12 +96,8 @@ impl CustomOp2 for LinearBf16 {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
-        if x.len() != self.rows * self.inputs || w.len() != self.outputs * self.inputs {
-            return Err(cpu_error("linear-bf16: input shapes changed"));
-        }
-        let y = self.forward(x, w);
-        Ok((CpuStorage::F32(y), Shape::from((self.rows, self.outputs))))
+        let y = self.forward(f32_slice(s1, l1)?, f32_slice(s2, l2)?, None)?;
+        Ok((CpuStorage::F32(y), self.shape.clone()))
     }
 
     fn bwd(
@@ -86,37 +111,73 @@ impl CustomOp2 for LinearBf16 {
     }
 }
 
+impl CustomOp3 for LinearBf16 {
+    fn name(&self) -> &'static str {
+        "linear-bf16-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let bias = f32_slice(s3, l3)?;
+        let y = self.forward(f32_slice(s1, l1)?, f32_slice(s2, l2)?, Some(bias))?;
+        Ok((CpuStorage::F32(y), self.shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad_res.contiguous()?;
+        let db = with_f32(&grad, |g| Ok(self.bias_grad(g)))?;
+        let (dx, dw) = two_input_grads(x, w, &grad, |xs, ws, g| self.backward(xs, ws, g))?;
+        Ok((dx, dw, Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+    }
+}
+
 /// `x @ weightᵀ (+ bias)` for `x` [.., in] and `weight` [out, in], the products in bf16 with
-/// f32 accumulation on the CPU (f32 tensors); gradients reach `x`, `weight` and `bias`. The
-/// bias is added in f32 by the ordinary broadcast op.
+/// f32 accumulation on the CPU (f32 tensors), the bias added in f32; gradients reach `x`,
+/// `weight` and `bias`.
 pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+    let f32_bias = bias.is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu());
+    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !f32_bias
+    {
         return ops::linear(x, weight, bias);
     }
     let (outputs, inputs) = weight.dims2()?;
-    let dims = x.dims().to_vec();
+    let mut dims = x.dims().to_vec();
     let rows = x.elem_count() / inputs.max(1);
-    if x.dim(D::Minus1)? != inputs {
+    let bias_fits = bias.is_none_or(|b| b.dims() == [outputs]);
+    if x.dim(D::Minus1)? != inputs || !bias_fits {
         return Err(crate::error::Error::invalid(format!(
-            "linear_bf16: input {:?} against weight {:?}",
+            "linear_bf16: input {:?} against weight {:?} and bias {:?}",
             dims,
-            weight.dims()
+            weight.dims(),
+            bias.map(|b| b.dims().to_vec())
         )));
     }
+    *dims.last_mut().expect("rank >= 1") = outputs;
     let op = LinearBf16 {
         rows,
         inputs,
         outputs,
+        shape: Shape::from(dims),
     };
-    let x2 = x.reshape((rows, inputs))?.contiguous()?;
-    let out = x2.apply_op2(&weight.contiguous()?, op)?;
-    let out = match bias {
-        Some(b) => out.broadcast_add(b)?,
-        None => out,
-    };
-    let mut out_dims = dims;
-    *out_dims.last_mut().expect("rank >= 1") = outputs;
-    Ok(out.reshape(out_dims)?)
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    Ok(match bias {
+        Some(b) => x.apply_op3(&weight, &b.contiguous()?, op)?,
+        None => x.apply_op2(&weight, op)?,
+    })
 }
 
 #[cfg(test)]
@@ -206,5 +267,22 @@ mod tests {
             let d = max_abs_diff(ours, reference);
             assert!(d < 0.05, "{what} differs by {d}");
         }
+        // The bias gradient is the f32 sum of dy over every leading index (no rounding).
+        let db_exact = probe.sum((0, 1)).unwrap();
+        let db = g.get(bias.as_tensor()).unwrap();
+        assert!(max_abs_diff(db, &db_exact) < 1e-5);
+    }
+
+    /// Without a bias: the same product, and the output keeps x's leading dimensions.
+    #[test]
+    fn no_bias_is_the_same_product() {
+        let x = random(&[3, 2, 5, 33], 5);
+        let w = random(&[17, 33], 6);
+        let b = random(&[17], 7);
+        let plain = linear_bf16(&x, &w, None).unwrap();
+        assert_eq!(plain.dims(), &[3, 2, 5, 17]);
+        let biased = linear_bf16(&x, &w, Some(&b)).unwrap();
+        let unbiased = biased.broadcast_sub(&b).unwrap();
+        assert!(max_abs_diff(&plain, &unbiased) < 1e-6);
     }
 }
