@@ -570,7 +570,8 @@ impl Decoder {
     fn mlp(&self, m: &Mlp, x: &Tensor, step: bool) -> Result<Tensor> {
         let gate = self.linear(x, &m.gate, step)?;
         let up = self.linear(x, &m.up, step)?;
-        self.linear(&fused_swiglu::swiglu(&gate, &up)?, &m.down, step)
+        let act = fused_swiglu::swiglu(&gate, &up, self.bf16_linears)?;
+        self.linear(&act, &m.down, step)
     }
 }
 
