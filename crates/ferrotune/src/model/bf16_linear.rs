@@ -17,7 +17,8 @@ use super::fused::{cpu_error, f32_slice, two_input_grads, with_f32};
 use super::ops;
 use crate::error::Result;
 
-fn threads() -> usize {
+/// The workers a product may use: candle's thread count.
+pub(super) fn threads() -> usize {
     candle_core::utils::get_num_threads()
 }
 

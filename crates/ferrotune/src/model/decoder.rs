@@ -21,6 +21,7 @@ use super::bf16_matmul;
 use super::config::{Head, ModelConfig};
 use super::fused;
 use super::fused_attention;
+use super::fused_mlp;
 use super::fused_rope;
 use super::fused_softmax;
 use super::fused_swiglu;
@@ -568,6 +569,13 @@ impl Decoder {
     }
 
     fn mlp(&self, m: &Mlp, x: &Tensor, step: bool) -> Result<Tensor> {
+        let (wg, wu) = (&m.gate.weight, &m.up.weight);
+        let unbiased = m.gate.bias.is_none() && m.up.bias.is_none();
+        if self.bf16_linears && !step && unbiased && fused_mlp::fuses(&[x, wg, wu]) {
+            // Training and whole-sequence passes: gate, up and SwiGLU as one op.
+            let act = fused_mlp::gated_mlp_bf16(x, wg, wu)?;
+            return self.linear(&act, &m.down, step);
+        }
         let gate = self.linear(x, &m.gate, step)?;
         let up = self.linear(x, &m.up, step)?;
         let act = fused_swiglu::swiglu(&gate, &up, self.bf16_linears)?;

@@ -177,6 +177,36 @@ pub(super) unsafe fn assume_written(block: &mut [MaybeUninit<f32>]) -> &mut [f32
     unsafe { &mut *(block as *mut [MaybeUninit<f32>] as *mut [f32]) }
 }
 
+/// Whether every tensor is an f32 tensor on the CPU: the condition for the fused CPU kernels.
+pub(super) fn cpu_f32(tensors: &[&Tensor]) -> bool {
+    tensors
+        .iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+}
+
+/// The backward of a three-input CPU kernel: `backward((a, b, c), grad)` on the f32 contents
+/// gives the gradients of `a`, `b` and `c`, returned as tensors of their shapes.
+pub(super) fn three_input_grads(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    grad: &Tensor,
+    backward: impl FnOnce(
+        (&[f32], &[f32], &[f32]),
+        &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)>,
+) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.contiguous()?;
+    let (ga, gb, gc) = with_f32(a, |xa| {
+        with_f32(b, |xb| {
+            with_f32(c, |xc| with_f32(&grad, |g| backward((xa, xb, xc), g)))
+        })
+    })?;
+    Ok((
+        Some(Tensor::from_vec(ga, a.shape(), a.device())?),
+        Some(Tensor::from_vec(gb, b.shape(), b.device())?),
+        Some(Tensor::from_vec(gc, c.shape(), c.device())?),
+    ))
+}
+
 /// The backward of a two-input CPU kernel: `backward(a, b, grad)` on the f32 contents gives the
 /// gradients of `a` and `b`, returned as tensors of their shapes.
 pub(super) fn two_input_grads(

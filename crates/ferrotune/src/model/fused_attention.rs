@@ -18,11 +18,11 @@
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{matmul_to_vec, matmul_uninit, Operand};
-use super::fused::{cpu_error, f32_slice, new_written, with_f32};
+use super::fused::{cpu_error, cpu_f32, f32_slice, new_written, three_input_grads, with_f32};
 use super::fused_softmax::{normalize_row, row_dot};
 use crate::error::{Error, Result};
 
@@ -310,25 +310,13 @@ impl CustomOp3 for Attention {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad_res.contiguous()?;
-        let (dq, dk, dv) = with_f32(q, |q| {
-            with_f32(k, |k| {
-                with_f32(v, |v| with_f32(&grad, |g| self.backward((q, k, v), g)))
-            })
-        })?;
-        Ok((
-            Some(Tensor::from_vec(dq, q.shape(), q.device())?),
-            Some(Tensor::from_vec(dk, k.shape(), k.device())?),
-            Some(Tensor::from_vec(dv, v.shape(), v.device())?),
-        ))
+        three_input_grads((q, k, v), grad_res, |inputs, g| self.backward(inputs, g))
     }
 }
 
 /// Whether [`attention_bf16`] runs as the fused op for these tensors (CPU, f32).
 pub fn fuses(tensors: &[&Tensor]) -> bool {
-    tensors
-        .iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+    cpu_f32(tensors)
 }
 
 /// `softmax(scale · Q·Kᵀ + mask) · V` with `q` [B, H, T, D] and `k` [B, KV, S, D] (the rotated

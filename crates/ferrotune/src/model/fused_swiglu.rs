@@ -19,9 +19,9 @@ use super::fused::{
 use super::ops;
 use crate::error::{Error, Result};
 
-struct Swiglu {
+pub(super) struct Swiglu {
     /// Sigmoids through [`fast_exp`] (bf16 autocast only).
-    fast_exp: bool,
+    pub(super) fast_exp: bool,
 }
 
 fn sigmoid(x: f32) -> f32 {
@@ -51,7 +51,7 @@ impl Swiglu {
         s
     }
 
-    fn forward(&self, gate: &[f32], up: &[f32]) -> Vec<f32> {
+    pub(super) fn forward(&self, gate: &[f32], up: &[f32]) -> Vec<f32> {
         let write = |y: &mut [MaybeUninit<f32>]| {
             for_each_rows(y, 1, |offset, block| {
                 let mut buf = [0f32; CHUNK];
@@ -71,7 +71,7 @@ impl Swiglu {
 
     /// With `s = σ(g)`: `d up = dy · g·s` and `d gate = dy · u · s·(1 + g·(1 − s))`, the
     /// derivative of `g·σ(g)`.
-    fn backward(&self, gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    pub(super) fn backward(&self, gate: &[f32], up: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let write = |d_gate: &mut [MaybeUninit<f32>], d_up: &mut [MaybeUninit<f32>]| {
             for_each_rows2(d_gate, d_up, 1, |offset, dg, du| {
                 let mut buf = [0f32; CHUNK];

@@ -9,6 +9,7 @@ pub mod decoder;
 pub mod fast_exp;
 pub mod fused;
 pub mod fused_attention;
+pub mod fused_mlp;
 pub mod fused_rope;
 pub mod fused_softmax;
 pub mod fused_swiglu;

@@ -1,0 +1,225 @@
+//! The gated MLP's first half under bf16 autocast on the CPU, `silu(x·w_gateᵀ) ⊙ (x·w_upᵀ)`,
+//! as one op with its own backward pass: the two projections ([`super::bf16_gemm`], as
+//! [`super::bf16_linear`] computes them) and the SwiGLU ([`super::fused_swiglu`]).
+//!
+//! Composed it is three nodes of candle's graph, and candle's backward pass gives each node's
+//! gradient a zero fill and an add of its whole `[B, T, I]` size and sums the two input
+//! gradients into a third tensor; here the graph has one node, the gate and up activations
+//! are kept by the op for its backward pass, and the weight gradients share one packing of
+//! `x`. The arithmetic is the composed path's, so the results are the same bits.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
+
+use super::bf16_gemm::{matmul_packed_to_vec, matmul_to_vec, Operand, PackedB};
+use super::bf16_linear::threads;
+use super::fused::{cpu_error, cpu_f32, f32_slice, three_input_grads};
+use super::fused_swiglu::Swiglu;
+use crate::error::{Error, Result};
+
+struct GatedMlp {
+    /// Tokens: the product of x's leading dimensions.
+    rows: usize,
+    /// Hidden size (x's last dimension).
+    inputs: usize,
+    /// Intermediate size.
+    outputs: usize,
+    /// The output's shape: x's with the last dimension `outputs`.
+    shape: Shape,
+    /// Whether a gradient will be asked for (else the activations are not kept).
+    keep: bool,
+    /// The forward's gate and up activations, `[rows, outputs]` each.
+    saved: Mutex<Option<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl GatedMlp {
+    fn swiglu(&self) -> Swiglu {
+        Swiglu { fast_exp: true }
+    }
+
+    /// `x · wᵀ`, as [`super::bf16_linear`] computes it.
+    fn project(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let (r, k, n) = (self.rows, self.inputs, self.outputs);
+        let x = Operand::DepthInner { data: x, ld: k };
+        matmul_to_vec(
+            (r, n, k),
+            x,
+            Operand::DepthInner { data: w, ld: k },
+            threads(),
+        )
+    }
+
+    /// `dx = d_gate·w_gate + d_up·w_up`, `dw_gate = d_gateᵀ·x`, `dw_up = d_upᵀ·x`.
+    fn backward(
+        &self,
+        (x, w_gate, w_up): (&[f32], &[f32], &[f32]),
+        grad: &[f32],
+    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let saved = self
+            .saved
+            .lock()
+            .map_err(|_| cpu_error("gated-mlp: poisoned"))?;
+        let Some((gate, up)) = saved.as_ref() else {
+            return Err(cpu_error(
+                "gated-mlp: no saved activations to backpropagate",
+            ));
+        };
+        let (r, k, n) = (self.rows, self.inputs, self.outputs);
+        let (d_gate, d_up) = self.swiglu().backward(gate, up, grad);
+        let dx_part = |dy: &[f32], w: &[f32]| {
+            let dy = Operand::DepthInner { data: dy, ld: n };
+            matmul_to_vec(
+                (r, k, n),
+                dy,
+                Operand::DepthOuter { data: w, ld: k },
+                threads(),
+            )
+        };
+        let mut dx = dx_part(&d_gate, w_gate);
+        for (a, b) in dx.iter_mut().zip(dx_part(&d_up, w_up)) {
+            *a += b;
+        }
+        // The tokens are the depth of both weight gradients; x is packed once for the two.
+        let x_by_column = Operand::DepthOuter { data: x, ld: k };
+        let x_packed = PackedB::new(x_by_column, (k, r), threads());
+        let dw = |dy: &[f32]| {
+            let dy = Operand::DepthOuter { data: dy, ld: n };
+            matmul_packed_to_vec(n, dy, &x_packed, threads())
+        };
+        Ok((dx, dw(&d_gate), dw(&d_up)))
+    }
+}
+
+impl CustomOp3 for GatedMlp {
+    fn name(&self) -> &'static str {
+        "gated-mlp-bf16"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (x, w_gate, w_up) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        let weight_len = self.outputs * self.inputs;
+        if x.len() != self.rows * self.inputs
+            || w_gate.len() != weight_len
+            || w_up.len() != weight_len
+        {
+            return Err(cpu_error("gated-mlp: input shapes changed"));
+        }
+        let (gate, up) = (self.project(x, w_gate), self.project(x, w_up));
+        let y = self.swiglu().forward(&gate, &up);
+        if self.keep {
+            *self
+                .saved
+                .lock()
+                .map_err(|_| cpu_error("gated-mlp: poisoned"))? = Some((gate, up));
+        }
+        Ok((CpuStorage::F32(y), self.shape.clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w_gate: &Tensor,
+        w_up: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        three_input_grads((x, w_gate, w_up), grad_res, |inputs, g| {
+            self.backward(inputs, g)
+        })
+    }
+}
+
+/// Whether [`gated_mlp_bf16`] runs for these tensors (CPU, f32).
+pub fn fuses(tensors: &[&Tensor]) -> bool {
+    cpu_f32(tensors)
+}
+
+/// `silu(x·w_gateᵀ) ⊙ (x·w_upᵀ)` for `x` [.., hidden] and weights [intermediate, hidden]: the
+/// products in bf16 with f32 accumulation, the SwiGLU's exps through the vector `exp`, as the
+/// decoder computes them under bf16 autocast; gradients to all three. CPU f32 tensors only
+/// ([`fuses`]).
+pub fn gated_mlp_bf16(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
+    if !fuses(&[x, w_gate, w_up]) {
+        return Err(Error::invalid("gated_mlp_bf16: CPU f32 tensors only"));
+    }
+    let (outputs, inputs) = w_gate.dims2()?;
+    if w_up.dims() != [outputs, inputs] || x.dim(D::Minus1)? != inputs {
+        return Err(Error::invalid(format!(
+            "gated_mlp_bf16: x {:?}, gate {:?} and up {:?} do not fit",
+            x.dims(),
+            w_gate.dims(),
+            w_up.dims()
+        )));
+    }
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("rank >= 1") = outputs;
+    let op = GatedMlp {
+        rows: x.elem_count() / inputs.max(1),
+        inputs,
+        outputs,
+        shape: Shape::from(dims),
+        keep: x.track_op() || w_gate.track_op() || w_up.track_op(),
+        saved: Mutex::new(None),
+    };
+    Ok(x.contiguous()?
+        .apply_op3(&w_gate.contiguous()?, &w_up.contiguous()?, op)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::bf16_linear::linear_bf16;
+    use super::super::fused_swiglu::swiglu;
+    use super::super::ops;
+    use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random};
+    use super::*;
+    use candle_core::Var;
+
+    fn check(dims: &[usize], hidden: usize, intermediate: usize) {
+        let mut x_dims = dims.to_vec();
+        x_dims.push(hidden);
+        let x = Var::from_tensor(&random(&x_dims, 71, 1.0)).unwrap();
+        let wg = Var::from_tensor(&random(&[intermediate, hidden], 72, 0.5)).unwrap();
+        let wu = Var::from_tensor(&random(&[intermediate, hidden], 73, 0.5)).unwrap();
+        let fused = gated_mlp_bf16(&x, &wg, &wu).unwrap();
+        // The composed bf16 path: two bf16 linears and the SwiGLU kernel.
+        let gate = linear_bf16(&x, &wg, None).unwrap();
+        let up = linear_bf16(&x, &wu, None).unwrap();
+        let same = swiglu(&gate, &up, true).unwrap();
+        assert_eq!(fused.dims(), same.dims());
+        assert!(max_abs_diff(&fused, &same) < 1e-6);
+        assert_same_gradients(&fused, &same, &[&x, &wg, &wu], 74, 1e-5, Some(1e-2));
+        // Against f32 candle ops: the bf16 rounding of the products only.
+        let plain = ops::swiglu(
+            &ops::linear(&x, &wg, None).unwrap(),
+            &ops::linear(&x, &wu, None).unwrap(),
+        )
+        .unwrap();
+        // Each bf16 input is within 2^-9 of its f32 value: relative to the output's size.
+        let size = max_abs_diff(&plain, &plain.zeros_like().unwrap());
+        let d = max_abs_diff(&fused, &plain);
+        assert!(d < 1e-2 * size, "{d} vs output size {size}");
+    }
+
+    #[test]
+    fn gated_mlp_matches_the_composed_path_values_and_gradients() {
+        check(&[2, 5], 24, 40);
+        // Large enough for the threaded products.
+        check(&[3, 70], 64, 172);
+    }
+
+    #[test]
+    fn mismatched_weights_are_errors() {
+        let x = random(&[2, 8], 1, 1.0);
+        let err = gated_mlp_bf16(&x, &random(&[4, 8], 2, 1.0), &random(&[5, 8], 3, 1.0));
+        assert!(err.unwrap_err().to_string().contains("do not fit"));
+    }
+}
