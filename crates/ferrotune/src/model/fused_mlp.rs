@@ -179,7 +179,7 @@ mod tests {
     use super::super::bf16_linear::linear_bf16;
     use super::super::fused_swiglu::swiglu;
     use super::super::ops;
-    use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random};
+    use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random, weighted_sum};
     use super::*;
     use candle_core::Var;
 
@@ -207,6 +207,18 @@ mod tests {
         let size = max_abs_diff(&plain, &plain.zeros_like().unwrap());
         let d = max_abs_diff(&fused, &plain);
         assert!(d < 1e-2 * size, "{d} vs output size {size}");
+        // And the gradients, each relative to its own size.
+        let gf = weighted_sum(&fused, 75).backward().unwrap();
+        let gp = weighted_sum(&plain, 75).backward().unwrap();
+        for var in [&x, &wg, &wu] {
+            let (a, r) = (gf.get(var).unwrap(), gp.get(var).unwrap());
+            let size = max_abs_diff(r, &r.zeros_like().unwrap());
+            let d = max_abs_diff(a, r);
+            assert!(
+                size > 1e-2 && d < 2e-2 * size,
+                "{d} vs gradient size {size}"
+            );
+        }
     }
 
     #[test]
