@@ -20,9 +20,10 @@
 //!   A depth-inner source gives 16 pairs of one index per conversion; 16 indices' worth are
 //!   transposed in registers so each pair row of the panel is one vector store. A depth-outer
 //!   source gives one pair row for 16 indices at once, interleaved with a single 16-bit
-//!   permute, and is walked row by row across all panels (whole cache lines, read once). A B used by several products is packed once ([`PackedB`]): the
-//!   LM head across the chunks of a pass, and each weight across decode steps (the decoder
-//!   keeps its weights' panels for `forward_step`, half the bytes of the f32 weights).
+//!   permute, and is walked row by row across all panels (whole cache lines, read once). A B
+//!   used by several products is packed once ([`PackedB`]): the LM head across the chunks of
+//!   a pass, and each weight across decode steps (the decoder keeps its weights' panels for
+//!   `forward_step`, half the bytes of the f32 weights).
 //! - **Microkernel.** `MR × NR = 12 × 32` f32 accumulators in 24 of the 32 zmm registers: per
 //!   depth pair, two B vectors are loaded and each of the 12 A pairs is broadcast from memory
 //!   into two `vdpbf16ps`. 24 independent accumulators cover the instruction's latency. The
@@ -33,8 +34,9 @@
 //!   streams past it from L2; C tiles are loaded and stored once per depth block.
 //! - **Threads.** C is cut into blocks of whole panels; `threads` workers of rayon's pool take
 //!   blocks from a shared counter (a descheduled worker on a shared machine delays one
-//!   block, not a fixed share). Packing is spread the same way. `threads <= 1` runs on the
-//!   calling thread alone.
+//!   block, not a fixed share). Packing is spread the same way, in tasks of whole panels
+//!   (depth-inner sources) or of 16 depth pairs across every panel (depth-outer sources).
+//!   `threads <= 1` runs on the calling thread alone.
 //! - **Fallback.** Without AVX-512 BF16 the inputs are rounded to bf16 (as f32 values) and
 //!   multiplied by the `gemm` crate in f32: the products of bf16 values are exact in f32, so
 //!   the result differs from the AVX-512 path only in the order of the additions (and in
@@ -913,6 +915,29 @@ mod tests {
                 for inners in [(true, true), (true, false), (false, true), (false, false)] {
                     check(path, shape, inners, 10 * s as u64);
                 }
+            }
+        }
+    }
+
+    /// Products large enough to be shared (above `SERIAL_MACS`): packing and tiles on two
+    /// workers give the reference's values and the one-worker run's bits, in every layout.
+    #[test]
+    fn shared_products_match_one_worker_bit_for_bit() {
+        let (m, n, k) = (70, 97, 300);
+        assert_eq!(threads_for((m, n, k), 2), 2);
+        for path in paths() {
+            for inners in [(true, true), (true, false), (false, true), (false, false)] {
+                check(path, (m, n, k), inners, 60);
+                let a_vals = random(m * k, 61);
+                let b_vals = random(n * k, 62);
+                let (a_data, lda) = store(&a_vals, m, k, inners.0);
+                let (b_data, ldb) = store(&b_vals, n, k, inners.1);
+                let a = operand(&a_data, lda, inners.0);
+                let b = operand(&b_data, ldb, inners.1);
+                let (mut one, mut two) = (vec![0f32; m * n], vec![0f32; m * n]);
+                matmul_on(path, (m, n, k), a, b, &mut one, false, 1);
+                matmul_on(path, (m, n, k), a, b, &mut two, false, 2);
+                assert_eq!(one, two, "{path:?} {inners:?}");
             }
         }
     }

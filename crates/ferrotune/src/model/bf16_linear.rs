@@ -44,7 +44,7 @@ impl LinearBf16 {
             Operand::DepthInner { data: w, ld: k },
             threads(),
         );
-        if let Some(b) = bias {
+        if let Some(b) = bias.filter(|_| n > 0) {
             for row in y.chunks_mut(n) {
                 for (y, &b) in row.iter_mut().zip(b) {
                     *y += b;
@@ -76,7 +76,7 @@ impl LinearBf16 {
     /// `db = Σ_rows dy`, row after row from zero (the order of candle's sum over rows).
     fn bias_grad(&self, dy: &[f32]) -> Vec<f32> {
         let mut db = vec![0f32; self.outputs];
-        for row in dy.chunks(self.outputs) {
+        for row in dy.chunks(self.outputs.max(1)) {
             for (d, &g) in db.iter_mut().zip(row) {
                 *d += g;
             }
@@ -146,9 +146,9 @@ impl CustomOp3 for LinearBf16 {
     }
 }
 
-/// `x @ weightᵀ (+ bias)` for `x` [.., in] and `weight` [out, in], the products in bf16 with
-/// f32 accumulation on the CPU (f32 tensors), the bias added in f32; gradients reach `x`,
-/// `weight` and `bias`.
+/// `x @ weightᵀ (+ bias)` for `x` [.., in], `weight` [out, in] and `bias` [out], the products
+/// in bf16 with f32 accumulation on the CPU (f32 tensors), the bias added in f32; gradients
+/// reach `x`, `weight` and `bias`.
 pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let f32_bias = bias.is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu());
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !f32_bias
@@ -156,17 +156,17 @@ pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
         return ops::linear(x, weight, bias);
     }
     let (outputs, inputs) = weight.dims2()?;
-    let mut dims = x.dims().to_vec();
-    let rows = x.elem_count() / inputs.max(1);
     let bias_fits = bias.is_none_or(|b| b.dims() == [outputs]);
     if x.dim(D::Minus1)? != inputs || !bias_fits {
         return Err(crate::error::Error::invalid(format!(
             "linear_bf16: input {:?} against weight {:?} and bias {:?}",
-            dims,
+            x.dims(),
             weight.dims(),
             bias.map(|b| b.dims().to_vec())
         )));
     }
+    let mut dims = x.dims().to_vec();
+    let rows = dims[..dims.len() - 1].iter().product();
     *dims.last_mut().expect("rank >= 1") = outputs;
     let op = LinearBf16 {
         rows,
@@ -272,6 +272,26 @@ mod tests {
         let db_exact = probe.sum((0, 1)).unwrap();
         let db = g.get(bias.as_tensor()).unwrap();
         assert!(max_abs_diff(db, &db_exact) < 1e-5);
+    }
+
+    /// Empty inner or outer dimensions give the right shapes (zeros plus the bias), no panic.
+    #[test]
+    fn empty_dimensions_are_products_of_zeros() {
+        let x = Var::from_tensor(&random(&[3, 0], 8)).unwrap();
+        let w = random(&[4, 0], 9);
+        let b = random(&[4], 10);
+        let y = linear_bf16(&x, &w, Some(&b)).unwrap();
+        assert_eq!(y.dims(), &[3, 4]);
+        let want = b.unsqueeze(0).unwrap().broadcast_as((3, 4)).unwrap();
+        assert_eq!(max_abs_diff(&y, &want.contiguous().unwrap()), 0.0);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(&x).unwrap().dims(), &[3, 0]);
+        let none = linear_bf16(
+            &random(&[2, 5], 11),
+            &random(&[0, 5], 12),
+            Some(&random(&[0], 13)),
+        );
+        assert_eq!(none.unwrap().dims(), &[2, 0]);
     }
 
     /// Without a bias: the same product, and the output keeps x's leading dimensions.

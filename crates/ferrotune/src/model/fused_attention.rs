@@ -314,7 +314,7 @@ impl CustomOp3 for Attention {
     }
 }
 
-/// Whether [`attention_bf16`] runs as the fused op for these tensors (CPU, f32).
+/// Whether [`attention_bf16`] takes these tensors (CPU, f32); it has no fallback.
 pub fn fuses(tensors: &[&Tensor]) -> bool {
     cpu_f32(tensors)
 }
@@ -338,13 +338,14 @@ pub fn attention_bf16(
     let fits = kb == b
         && kd == d
         && kv > 0
-        && h % kv == 0
+        && h.is_multiple_of(kv)
+        && b * h * t * d * s > 0
         && v.dims() == [b, s, kv * d]
         && mask.dims() == [b, 1, t, s];
     if !fits {
         return Err(Error::invalid(format!(
             "attention_bf16: q {:?}, k {:?}, v {:?}, mask {:?} do not fit \
-             ([B, H, T, D], [B, KV, S, D], [B, S, KV*D], [B, 1, T, S])",
+             ([B, H, T, D], [B, KV, S, D], [B, S, KV*D], [B, 1, T, S], none empty)",
             q.dims(),
             k.dims(),
             v.dims(),
@@ -441,10 +442,22 @@ mod tests {
         let mask = mask(b, t, s);
         let scale = 1.0 / (d as f64).sqrt();
         let fused = attention_bf16(&q, &k, &v, &mask, scale).unwrap();
-        // The same arithmetic as the composed bf16 path: equal up to summation order.
+        // The same arithmetic as the composed bf16 path, in the same order: the same bits,
+        // values and gradients.
         let same = composed(&q, &k, &v, &mask, scale, true);
-        assert!(max_abs_diff(&fused, &same) < 1e-6);
-        assert_same_gradients(&fused, &same, &[&q, &k, &v], 64, 1e-5, Some(1e-2));
+        assert_eq!(max_abs_diff(&fused, &same), 0.0);
+        assert_same_gradients(
+            &fused,
+            &same,
+            &[&q, &k, &v],
+            64,
+            f32::MIN_POSITIVE,
+            Some(1e-2),
+        );
+        // Without a gradient to track (nothing kept for a backward pass): the same values.
+        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+        let untracked = attention_bf16(&qd, &kd, &vd, &mask, scale).unwrap();
+        assert_eq!(max_abs_diff(&untracked, &fused), 0.0);
         // Against plain f32 attention (candle's ops): the bf16 rounding of the products only.
         let f32_reference = composed(&q, &k, &v, &mask, scale, false);
         assert!(max_abs_diff(&fused, &f32_reference) < 2e-2);
@@ -458,10 +471,12 @@ mod tests {
         check([1, 3, 3, 4, 4, 8]);
     }
 
-    /// Fewer items than workers (one batch row, one KV head): products use every worker.
+    /// Fewer items than workers (one batch row, one KV head): one item at a time, its products
+    /// large enough to be shared by the workers.
     #[test]
     fn attention_matches_with_one_item() {
         check([1, 2, 1, 33, 33, 16]);
+        check([1, 2, 1, 260, 260, 64]);
     }
 
     #[test]
@@ -471,5 +486,11 @@ mod tests {
         let v = random(&[1, 3, 8], 3, 1.0);
         let err = attention_bf16(&q, &k, &v, &mask(1, 3, 3), 0.5).unwrap_err();
         assert!(err.to_string().contains("do not fit"), "{err}");
+        // Empty sequences are refused, not run.
+        let q = random(&[1, 2, 0, 4], 1, 1.0);
+        let k = random(&[1, 1, 0, 4], 2, 1.0);
+        let v = random(&[1, 0, 4], 3, 1.0);
+        let err = attention_bf16(&q, &k, &v, &mask(1, 0, 0), 0.5).unwrap_err();
+        assert!(err.to_string().contains("none empty"), "{err}");
     }
 }
