@@ -341,7 +341,8 @@ impl Decoder {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
             let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let attn = if self.bf16_linears && fused_attention::fuses(&[&normed, &mask]) {
+            let fuse = normed.elem_count() > 0 && fused_attention::fuses(&[&normed, &mask]);
+            let attn = if self.bf16_linears && fuse {
                 self.attention_bf16(&layer.attention, &normed, &cos, &sin, &mask)?
             } else {
                 let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, false)?;
