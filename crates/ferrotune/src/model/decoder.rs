@@ -341,12 +341,19 @@ impl Decoder {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
             let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let fuse = normed.elem_count() > 0 && fused_attention::fuses(&[&normed, &mask]);
-            let attn = if self.bf16_linears && fuse {
-                self.attention_bf16(&layer.attention, &normed, &cos, &sin, &mask)?
-            } else {
-                let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, false)?;
-                self.attend(&q, &k, &v, &mask, false)?
+            let fuse = self.bf16_linears
+                && normed.elem_count() > 0
+                && fused_attention::fuses(&[&normed, &mask]);
+            let fused = match fuse {
+                true => self.attention_bf16(&layer.attention, &normed, (&cos, &sin), &mask)?,
+                false => None,
+            };
+            let attn = match fused {
+                Some(attn) => attn,
+                None => {
+                    let (q, k, v) = self.qkv(&layer.attention, &normed, &cos, &sin, false)?;
+                    self.attend(&q, &k, &v, &mask, false)?
+                }
             };
             x = (x + self.linear(&attn, &layer.attention.o, false)?)?;
             let normed = fused::rms_norm(&x, &layer.post_attention_norm, self.config.rms_norm_eps)?;
@@ -502,26 +509,29 @@ impl Decoder {
     }
 
     /// [`Decoder::qkv`] and [`Decoder::attend`] under bf16 autocast on the CPU, in the
-    /// fewest graph nodes: q and k rotated straight from their projections' `[B, T, H·D]`
-    /// layout, v read in it, and attention as one op ([`fused_attention`]) whose output is
-    /// already in the layout of the output projection's input.
+    /// fewest graph nodes: one product for the three projections (their weights and biases
+    /// concatenated, so x is packed once and its gradient is one product), then the rotary
+    /// and attention as one op ([`fused_attention`]) whose output is already in the layout of
+    /// the output projection's input. `None` where only some projections have a bias.
     fn attention_bf16(
         &self,
         a: &Attention,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<Option<Tensor>> {
         let c = &self.config;
-        let rotated = |p: &Proj, heads: usize| -> Result<Tensor> {
-            fused_rope::apply_rotary_to_heads(&self.linear(x, p, false)?, heads, cos, sin)
+        let bias = match (&a.q.bias, &a.k.bias, &a.v.bias) {
+            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
+            (None, None, None) => None,
+            _ => return Ok(None),
         };
-        let q = rotated(&a.q, c.num_attention_heads)?;
-        let k = rotated(&a.k, c.num_key_value_heads)?;
-        let v = self.linear(x, &a.v, false)?;
+        let weight = Tensor::cat(&[&a.q.weight, &a.k.weight, &a.v.weight], 0)?;
+        let qkv = bf16_linear::linear_bf16(x, &weight, bias.as_ref())?;
+        let heads = (c.num_attention_heads, c.num_key_value_heads);
         let scale = 1.0 / (c.head_dim as f64).sqrt();
-        fused_attention::attention_bf16(&q, &k, &v, mask, scale)
+        let out = fused_attention::qkv_attention_bf16(&qkv, heads, (cos, sin), mask, scale)?;
+        Ok(Some(out))
     }
 
     /// Scaled dot-product attention with grouped KV heads. Query heads are folded into the KV

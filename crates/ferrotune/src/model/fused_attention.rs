@@ -1,16 +1,20 @@
-//! Training attention under bf16 autocast on the CPU as one op with its own backward pass:
-//! `out = softmax(scale · Q·Kᵀ + mask) · V`, the two products bf16 with f32 accumulation
+//! Training self-attention under bf16 autocast on the CPU as one op with its own backward
+//! pass, from the joint q/k/v projection `[B, T, (H + 2·KV)·D]` to the `[B, T, H·D]` input of
+//! the output projection: rotary embeddings on q and k ([`super::fused_rope`]), then
+//! `softmax(scale · Q·Kᵀ + mask) · V`, the two products bf16 with f32 accumulation
 //! ([`super::bf16_gemm`]), the softmax f32 (its exps through [`super::fast_exp`]), exactly the
 //! arithmetic of the composed path ([`super::bf16_matmul`] and [`super::fused_softmax`]).
 //!
-//! Why one op: composed, attention is about ten nodes of candle's graph (the products, the
-//! softmax, and the reshapes and transposes between the head and token layouts), and candle's
-//! backward pass gives every node's gradient a zero fill and an add of the node's whole size;
-//! for the `[B, H, T, T]` scores and probabilities and the head transposes that was most of a
-//! small model's gradient bookkeeping, and the graph kept the scores alive as well as the
-//! probabilities. Here the graph holds one node: `V` is read in the projection's own
-//! `[B, S, KV·D]` layout, the output is written in the `[B, T, H·D]` layout the output
-//! projection reads, and only the probabilities are kept for the backward pass.
+//! Why one op: composed, attention is about fifteen nodes of candle's graph (three
+//! projections, two rotations, the products, the softmax, and the reshapes and transposes
+//! between the head and token layouts), and candle's backward pass gives every node's
+//! gradient a zero fill and an add of the node's whole size; for the `[B, H, T, T]` scores
+//! and probabilities and the head transposes that was most of a small model's gradient
+//! bookkeeping, and the graph kept the scores alive as well as the probabilities. Here the
+//! projection is one product (x packed once, not three times; x's gradient is one product,
+//! not three summed) and the rest one node: V is read in the projection's own layout, the
+//! gradient is written in it, and only the rotated q and k and the probabilities are kept
+//! for the backward pass.
 //!
 //! Grouped KV heads: query heads `kv·groups .. (kv+1)·groups` share KV head `kv`, and each
 //! (batch row, KV head) is one item whose `[groups·T, D]` queries meet its keys in one product.
@@ -18,11 +22,12 @@
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_gemm::{matmul_to_vec, matmul_uninit, Operand};
-use super::fused::{cpu_error, cpu_f32, f32_slice, new_written, three_input_grads, with_f32};
+use super::fused::{cpu_error, cpu_f32, f32_slice, for_each_rows, new_written, with_f32};
+use super::fused_rope::{rotate_heads, unrotate_row};
 use super::fused_softmax::{normalize_row, row_dot};
 use crate::error::{Error, Result};
 
@@ -39,10 +44,21 @@ struct Attention {
     scale: f32,
     /// Additive mask [B, 1, T, S], shared by the heads.
     mask: Tensor,
-    /// Whether a gradient will be asked for (else the probabilities are not kept).
+    /// Rotary tables [B, 1, T, D].
+    cos: Tensor,
+    sin: Tensor,
+    /// Whether a gradient will be asked for (else nothing is kept).
     keep: bool,
-    /// The forward's probabilities, one `[groups·T, S]` block per item (batch row, KV head).
-    probs: Mutex<Vec<Vec<f32>>>,
+    saved: Mutex<Option<Saved>>,
+}
+
+/// What the forward keeps for the backward pass.
+struct Saved {
+    /// Rotated queries [B, H, T, D] and keys [B, KV, S, D].
+    q: Vec<f32>,
+    k: Vec<f32>,
+    /// Probabilities, one `[groups·T, S]` block per item (batch row, KV head).
+    probs: Vec<Vec<f32>>,
 }
 
 impl Attention {
@@ -52,6 +68,11 @@ impl Attention {
 
     fn items(&self) -> usize {
         self.batch * self.kv_heads
+    }
+
+    /// Columns of the joint projection: q heads, then k heads, then v heads.
+    fn width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.dim
     }
 
     /// Item `i`'s queries (or their gradient): `groups` heads of one batch row, contiguous.
@@ -65,15 +86,15 @@ impl Attention {
         i * len..(i + 1) * len
     }
 
-    /// Item `i`'s values in the `[B, S, KV·D]` projection, as an operand indexed by the head
-    /// dimension with the keys as depth (`by_key`: indexed by key, depth the head dimension).
-    fn v_operand<'a>(&self, v: &'a [f32], i: usize, by_key: bool) -> Operand<'a> {
-        let (kv, s, d) = (self.kv_heads, self.keys, self.dim);
-        let data = &v[(i / kv) * s * kv * d + (i % kv) * d..];
+    /// Item `i`'s values in the joint projection, as an operand indexed by the head dimension
+    /// with the keys as depth (`by_key`: indexed by key, depth the head dimension).
+    fn v_operand<'a>(&self, qkv: &'a [f32], i: usize, by_key: bool) -> Operand<'a> {
+        let (h, kv, s, d, w) = (self.heads, self.kv_heads, self.keys, self.dim, self.width());
+        let data = &qkv[(i / kv) * s * w + (h + kv + i % kv) * d..];
         if by_key {
-            Operand::DepthInner { data, ld: kv * d }
+            Operand::DepthInner { data, ld: w }
         } else {
-            Operand::DepthOuter { data, ld: kv * d }
+            Operand::DepthOuter { data, ld: w }
         }
     }
 
@@ -96,7 +117,8 @@ impl Attention {
         }
     }
 
-    /// Item `i`: its probabilities `[groups·T, S]` and its output rows `[groups·T, D]`.
+    /// Item `i`: its probabilities `[groups·T, S]` and its output rows `[groups·T, D]`, from
+    /// the rotated heads `q` and `k` and the values in `qkv`.
     fn forward_item(
         &self,
         (q, k, v, mask): (&[f32], &[f32], &[f32], &[f32]),
@@ -213,104 +235,130 @@ impl Attention {
         )
     }
 
-    fn backward(
-        &self,
-        inputs: (&[f32], &[f32], &[f32]),
-        grad: &[f32],
-    ) -> candle_core::Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let probs = self
-            .probs
+    fn forward(&self, qkv: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let (b, h, kv, t, d) = (
+            self.batch,
+            self.heads,
+            self.kv_heads,
+            self.queries,
+            self.dim,
+        );
+        if qkv.len() != b * t * self.width() {
+            return Err(cpu_error("attention: input shape changed"));
+        }
+        let w = self.width();
+        let (q, k) = with_f32(&self.cos, |cos| {
+            with_f32(&self.sin, |sin| {
+                let q = rotate_heads(qkv, (0, w), (h, t, d), cos, sin);
+                let k = rotate_heads(qkv, (h * d, w), (kv, t, d), cos, sin);
+                Ok((q, k))
+            })
+        })?;
+        let (probs, out): (Vec<_>, Vec<_>) = with_f32(&self.mask, |mask| {
+            Ok(self
+                .per_item(|i, threads| self.forward_item((&q, &k, qkv, mask), i, threads))
+                .into_iter()
+                .unzip())
+        })?;
+        if self.keep {
+            let mut saved = self
+                .saved
+                .lock()
+                .map_err(|_| cpu_error("attention: poisoned"))?;
+            *saved = Some(Saved { q, k, probs });
+        }
+        Ok(self.scatter_to_tokens(&out))
+    }
+
+    fn backward(&self, qkv: &[f32], grad: &[f32]) -> candle_core::Result<Vec<f32>> {
+        let saved = self
+            .saved
             .lock()
             .map_err(|_| cpu_error("attention: poisoned"))?;
-        if probs.len() != self.items() {
-            return Err(cpu_error(
-                "attention: no saved probabilities to backpropagate",
-            ));
-        }
-        let (q, k, v) = inputs;
-        let (kv, s, d) = (self.kv_heads, self.keys, self.dim);
+        let Some(Saved { q, k, probs }) = saved.as_ref() else {
+            return Err(cpu_error("attention: nothing saved to backpropagate"));
+        };
+        let (h, kv, t, d, w) = (
+            self.heads,
+            self.kv_heads,
+            self.queries,
+            self.dim,
+            self.width(),
+        );
         let (q_item, k_item) = (self.q_range(0).len(), self.k_range(0).len());
         let (mut dq, mut dk) = (Vec::with_capacity(q.len()), Vec::with_capacity(k.len()));
         let dq_items = dq.spare_capacity_mut()[..q.len()].chunks_mut(q_item);
         let dk_items = dk.spare_capacity_mut()[..k.len()].chunks_mut(k_item);
-        let mut slots: Vec<_> = dq_items.zip(dk_items).map(Mutex::new).collect();
-        let dv_items = {
-            let slots = &slots;
-            self.per_item(|i, threads| {
-                let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
-                let (dq, dk) = &mut *slot;
-                self.backward_item((q, k, v, grad), &probs[i], i, dq, dk, threads)
-            })
-        };
-        slots.clear();
+        let slots: Vec<_> = dq_items.zip(dk_items).map(Mutex::new).collect();
+        let dv_items = self.per_item(|i, threads| {
+            let mut slot = slots[i].lock().unwrap_or_else(|e| e.into_inner());
+            let (dq, dk) = &mut *slot;
+            self.backward_item((q, k, qkv, grad), &probs[i], i, dq, dk, threads)
+        });
+        drop(slots);
         // SAFETY: every item wrote its whole dQ and dK slot (`matmul_uninit`), and the items'
         // slots cover both vectors.
         unsafe {
             dq.set_len(q.len());
             dk.set_len(k.len());
         }
-        let write = |dv: &mut [MaybeUninit<f32>]| {
-            for (i, item) in dv_items.iter().enumerate() {
-                let base = (i / kv) * s * kv * d + (i % kv) * d;
-                for (key, row) in item.chunks(d).enumerate() {
-                    let at = base + key * kv * d;
-                    for (o, &x) in dv[at..at + d].iter_mut().zip(row) {
-                        o.write(x);
-                    }
-                }
-            }
-        };
-        // SAFETY: the items' rows cover every (batch row, key, KV head) once.
-        let dv = unsafe { new_written(v.len(), write) };
-        Ok((dq, dk, dv))
+        // The joint projection's gradient, one token row at a time: the q and k heads through
+        // the rotary's transpose, the v heads as they are.
+        with_f32(&self.cos, |cos| {
+            with_f32(&self.sin, |sin| {
+                let write = |out: &mut [MaybeUninit<f32>]| {
+                    for_each_rows(out, w, |offset, block| {
+                        for (j, row) in block.chunks_mut(w).enumerate() {
+                            let r = offset / w + j;
+                            let (bi, ti) = (r / t, r % t);
+                            let table = r * d..(r + 1) * d;
+                            let (c, s) = (&cos[table.clone()], &sin[table]);
+                            let (rq, rest) = row.split_at_mut(h * d);
+                            let (rk, rv) = rest.split_at_mut(kv * d);
+                            for (hi, dx) in rq.chunks_mut(d).enumerate() {
+                                let at = ((bi * h + hi) * t + ti) * d;
+                                unrotate_row(&dq[at..at + d], c, s, dx);
+                            }
+                            for (g, dx) in rk.chunks_mut(d).enumerate() {
+                                let at = ((bi * kv + g) * t + ti) * d;
+                                unrotate_row(&dk[at..at + d], c, s, dx);
+                            }
+                            for (g, dx) in rv.chunks_mut(d).enumerate() {
+                                let dv = &dv_items[bi * kv + g][ti * d..(ti + 1) * d];
+                                for (o, &x) in dx.iter_mut().zip(dv) {
+                                    o.write(x);
+                                }
+                            }
+                        }
+                    })
+                };
+                // SAFETY: every token row is written whole: its q, k and v heads.
+                Ok(unsafe { new_written(qkv.len(), write) })
+            })
+        })
     }
 }
 
-impl CustomOp3 for Attention {
+impl CustomOp1 for Attention {
     fn name(&self) -> &'static str {
         "attention-bf16"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.forward(f32_slice(s, l)?)?;
         let (b, h, t, d) = (self.batch, self.heads, self.queries, self.dim);
-        let kv_len = b * self.kv_heads * self.keys * d;
-        if q.len() != b * h * t * d || k.len() != kv_len || v.len() != kv_len {
-            return Err(cpu_error("attention: input shapes changed"));
-        }
-        let (probs, out): (Vec<_>, Vec<_>) = with_f32(&self.mask, |mask| {
-            Ok(self
-                .per_item(|i, threads| self.forward_item((q, k, v, mask), i, threads))
-                .into_iter()
-                .unzip())
-        })?;
-        let out = self.scatter_to_tokens(&out);
-        if self.keep {
-            *self
-                .probs
-                .lock()
-                .map_err(|_| cpu_error("attention: poisoned"))? = probs;
-        }
         Ok((CpuStorage::F32(out), Shape::from((b, t, h * d))))
     }
 
     fn bwd(
         &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        three_input_grads((q, k, v), grad_res, |inputs, g| self.backward(inputs, g))
+    ) -> candle_core::Result<Option<Tensor>> {
+        let grad = grad_res.contiguous()?;
+        let dqkv = with_f32(qkv, |x| with_f32(&grad, |g| self.backward(x, g)))?;
+        Ok(Some(Tensor::from_vec(dqkv, qkv.shape(), qkv.device())?))
     }
 }
 
@@ -319,59 +367,64 @@ pub fn fuses(tensors: &[&Tensor]) -> bool {
     cpu_f32(tensors)
 }
 
-/// `softmax(scale · Q·Kᵀ + mask) · V` with `q` [B, H, T, D] and `k` [B, KV, S, D] (the rotated
-/// heads), `v` the value projection [B, S, KV·D] and `mask` [B, 1, T, S]; returns [B, T, H·D],
-/// the layout of the output projection's input. Products in bf16 with f32 accumulation,
-/// gradients to `q`, `k` and `v`. For CPU f32 tensors ([`fuses`]) only.
-pub fn attention_bf16(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+/// Self-attention from the joint projection `qkv` [B, T, (H + 2·KV)·D] (q heads, then k, then
+/// v): q and k rotated with `cos`/`sin` [B, 1, T, D], then `softmax(scale · Q·Kᵀ + mask) · V`
+/// with `mask` [B, 1, T, T]; returns [B, T, H·D], the layout of the output projection's input.
+/// Products in bf16 with f32 accumulation, the gradient to `qkv`. CPU f32 tensors only
+/// ([`fuses`]), no empty dimension.
+pub fn qkv_attention_bf16(
+    qkv: &Tensor,
+    (heads, kv_heads): (usize, usize),
+    (cos, sin): (&Tensor, &Tensor),
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    if !fuses(&[q, k, v, mask]) {
-        return Err(Error::invalid("attention_bf16: CPU f32 tensors only"));
+    if !fuses(&[qkv, cos, sin, mask]) {
+        return Err(Error::invalid("qkv_attention_bf16: CPU f32 tensors only"));
     }
-    let (b, h, t, d) = q.dims4()?;
-    let (kb, kv, s, kd) = k.dims4()?;
-    let fits = kb == b
-        && kd == d
-        && kv > 0
-        && h.is_multiple_of(kv)
-        && b * h * t * d * s > 0
-        && v.dims() == [b, s, kv * d]
-        && mask.dims() == [b, 1, t, s];
+    let (b, t, width) = qkv.dims3()?;
+    let d = width / (heads + 2 * kv_heads).max(1);
+    let fits = kv_heads > 0
+        && heads.is_multiple_of(kv_heads)
+        && width == (heads + 2 * kv_heads) * d
+        && d.is_multiple_of(2)
+        && b * t * d > 0
+        && cos.dims() == [b, 1, t, d]
+        && sin.dims() == [b, 1, t, d]
+        && mask.dims() == [b, 1, t, t];
     if !fits {
         return Err(Error::invalid(format!(
-            "attention_bf16: q {:?}, k {:?}, v {:?}, mask {:?} do not fit \
-             ([B, H, T, D], [B, KV, S, D], [B, S, KV*D], [B, 1, T, S], none empty)",
-            q.dims(),
-            k.dims(),
-            v.dims(),
+            "qkv_attention_bf16: qkv {:?} ({heads} heads, {kv_heads} KV heads), cos {:?}, \
+             sin {:?}, mask {:?} do not fit ([B, T, (H+2KV)*D] with D even, [B, 1, T, D] twice, \
+             [B, 1, T, T], none empty)",
+            qkv.dims(),
+            cos.dims(),
+            sin.dims(),
             mask.dims()
         )));
     }
     let op = Attention {
         batch: b,
-        heads: h,
-        kv_heads: kv,
+        heads,
+        kv_heads,
         queries: t,
-        keys: s,
+        keys: t,
         dim: d,
         scale: scale as f32,
         mask: mask.contiguous()?,
-        keep: q.track_op() || k.track_op() || v.track_op(),
-        probs: Mutex::new(Vec::new()),
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        keep: qkv.track_op(),
+        saved: Mutex::new(None),
     };
-    Ok(q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    Ok(qkv.contiguous()?.apply_op1(op)?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::bf16_matmul::{matmul_bf16, matmul_bf16_nt};
     use super::super::decoder::MASKED;
+    use super::super::fused_rope::apply_rotary_to_heads;
     use super::super::fused_softmax::masked_softmax;
     use super::super::ops;
     use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random};
@@ -393,41 +446,60 @@ mod tests {
         Tensor::from_vec(data, (b, 1, t, s), &Device::Cpu).unwrap()
     }
 
-    /// The composed path the decoder took before this op: fold the groups, `Q·Kᵀ`, masked
-    /// softmax, `P·V`, unfold to tokens.
+    /// The composed path the decoder took before this op, from the joint projection: split,
+    /// rotate (`bf16`: the fused rotary; else candle's ops on the head views), fold the groups,
+    /// `Q·Kᵀ`, masked softmax, `P·V`, unfold to tokens.
     fn composed(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+        qkv: &Tensor,
+        (h, kv): (usize, usize),
+        (cos, sin): (&Tensor, &Tensor),
         mask: &Tensor,
         scale: f64,
         bf16: bool,
     ) -> Tensor {
-        let (b, h, t, d) = q.dims4().unwrap();
-        let (_, kv, s, _) = k.dims4().unwrap();
-        let v = v.reshape((b, s, kv, d)).unwrap().transpose(1, 2).unwrap();
-        let q = q.reshape((b, kv, h / kv * t, d)).unwrap();
-        let (scores, probs_v);
-        if bf16 {
-            scores = matmul_bf16_nt(&q, k).unwrap();
+        let (b, t, width) = qkv.dims3().unwrap();
+        let d = width / (h + 2 * kv);
+        let part = |start: usize, heads: usize| qkv.narrow(2, start * d, heads * d).unwrap();
+        let rotated = |x: Tensor, heads: usize| {
+            if bf16 {
+                apply_rotary_to_heads(&x, heads, cos, sin).unwrap()
+            } else {
+                let view = x
+                    .reshape((b, t, heads, d))
+                    .unwrap()
+                    .transpose(1, 2)
+                    .unwrap();
+                ops::apply_rotary(&view, cos, sin).unwrap()
+            }
+        };
+        let q = rotated(part(0, h), h);
+        let k = rotated(part(h, kv), kv).contiguous().unwrap();
+        let v = part(h + kv, kv);
+        let v = v.reshape((b, t, kv, d)).unwrap().transpose(1, 2).unwrap();
+        let v = v.contiguous().unwrap();
+        let q = q
+            .contiguous()
+            .unwrap()
+            .reshape((b, kv, h / kv * t, d))
+            .unwrap();
+        let scores = if bf16 {
+            matmul_bf16_nt(&q, &k).unwrap()
         } else {
-            scores = q.matmul(&k.t().unwrap()).unwrap();
-        }
-        let scores = scores.reshape((b, h, t, s)).unwrap();
+            q.matmul(&k.t().unwrap()).unwrap()
+        };
+        let scores = scores.reshape((b, h, t, t)).unwrap();
         let probs = if bf16 {
             masked_softmax(&scores, mask, scale, true).unwrap()
         } else {
             ops::masked_softmax(&scores, mask, scale).unwrap()
         };
-        let probs = probs.reshape((b, kv, h / kv * t, s)).unwrap();
-        let v = v.contiguous().unwrap();
-        if bf16 {
-            probs_v = matmul_bf16(&probs, &v).unwrap();
+        let probs = probs.reshape((b, kv, h / kv * t, t)).unwrap();
+        let out = if bf16 {
+            matmul_bf16(&probs, &v).unwrap()
         } else {
-            probs_v = probs.matmul(&v).unwrap();
-        }
-        probs_v
-            .reshape((b, h, t, d))
+            probs.matmul(&v).unwrap()
+        };
+        out.reshape((b, h, t, d))
             .unwrap()
             .transpose(1, 2)
             .unwrap()
@@ -435,62 +507,55 @@ mod tests {
             .unwrap()
     }
 
-    fn check([b, h, kv, t, s, d]: [usize; 6]) {
-        let q = Var::from_tensor(&random(&[b, h, t, d], 61, 1.5)).unwrap();
-        let k = Var::from_tensor(&random(&[b, kv, s, d], 62, 1.5)).unwrap();
-        let v = Var::from_tensor(&random(&[b, s, kv * d], 63, 1.0)).unwrap();
-        let mask = mask(b, t, s);
+    fn check([b, h, kv, t, d]: [usize; 5]) {
+        let qkv = Var::from_tensor(&random(&[b, t, (h + 2 * kv) * d], 61, 1.5)).unwrap();
+        let angles = random(&[b, 1, t, d], 62, 3.0);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let mask = mask(b, t, t);
         let scale = 1.0 / (d as f64).sqrt();
-        let fused = attention_bf16(&q, &k, &v, &mask, scale).unwrap();
+        let fused = qkv_attention_bf16(&qkv, (h, kv), (&cos, &sin), &mask, scale).unwrap();
+        assert_eq!(fused.dims(), [b, t, h * d]);
         // The same arithmetic as the composed bf16 path, in the same order: the same bits,
         // values and gradients.
-        let same = composed(&q, &k, &v, &mask, scale, true);
+        let same = composed(&qkv, (h, kv), (&cos, &sin), &mask, scale, true);
         assert_eq!(max_abs_diff(&fused, &same), 0.0);
-        assert_same_gradients(
-            &fused,
-            &same,
-            &[&q, &k, &v],
-            64,
-            f32::MIN_POSITIVE,
-            Some(1e-2),
-        );
+        assert_same_gradients(&fused, &same, &[&qkv], 64, f32::MIN_POSITIVE, Some(1e-2));
         // Without a gradient to track (nothing kept for a backward pass): the same values.
-        let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
-        let untracked = attention_bf16(&qd, &kd, &vd, &mask, scale).unwrap();
+        let untracked =
+            qkv_attention_bf16(&qkv.detach(), (h, kv), (&cos, &sin), &mask, scale).unwrap();
         assert_eq!(max_abs_diff(&untracked, &fused), 0.0);
         // Against plain f32 attention (candle's ops): the bf16 rounding of the products only.
-        let f32_reference = composed(&q, &k, &v, &mask, scale, false);
+        let f32_reference = composed(&qkv, (h, kv), (&cos, &sin), &mask, scale, false);
         assert!(max_abs_diff(&fused, &f32_reference) < 2e-2);
-        assert_same_gradients(&fused, &f32_reference, &[&q, &k, &v], 65, 5e-2, Some(1e-2));
+        assert_same_gradients(&fused, &f32_reference, &[&qkv], 65, 5e-2, Some(1e-2));
     }
 
     #[test]
     fn attention_matches_the_composed_path_values_and_gradients() {
-        // Grouped heads, keys longer than queries (a cached prefix), odd sizes.
-        check([2, 4, 2, 5, 7, 6]);
-        check([1, 3, 3, 4, 4, 8]);
+        // Grouped heads, padded rows, odd sizes; KV heads as many as query heads.
+        check([2, 4, 2, 5, 6]);
+        check([3, 3, 3, 4, 8]);
     }
 
     /// Fewer items than workers (one batch row, one KV head): one item at a time, its products
     /// large enough to be shared by the workers.
     #[test]
     fn attention_matches_with_one_item() {
-        check([1, 2, 1, 33, 33, 16]);
-        check([1, 2, 1, 260, 260, 64]);
+        check([1, 2, 1, 33, 16]);
+        check([1, 2, 1, 260, 64]);
     }
 
     #[test]
     fn mismatched_shapes_are_errors() {
-        let q = random(&[1, 2, 3, 4], 1, 1.0);
-        let k = random(&[1, 1, 3, 4], 2, 1.0);
-        let v = random(&[1, 3, 8], 3, 1.0);
-        let err = attention_bf16(&q, &k, &v, &mask(1, 3, 3), 0.5).unwrap_err();
-        assert!(err.to_string().contains("do not fit"), "{err}");
+        let qkv = random(&[1, 3, 16], 1, 1.0);
+        let angles = random(&[1, 1, 3, 4], 2, 1.0);
+        // 16 columns are not (3 + 2·1)·D for any D.
+        let err = qkv_attention_bf16(&qkv, (3, 1), (&angles, &angles), &mask(1, 3, 3), 0.5);
+        assert!(err.unwrap_err().to_string().contains("do not fit"));
         // Empty sequences are refused, not run.
-        let q = random(&[1, 2, 0, 4], 1, 1.0);
-        let k = random(&[1, 1, 0, 4], 2, 1.0);
-        let v = random(&[1, 0, 4], 3, 1.0);
-        let err = attention_bf16(&q, &k, &v, &mask(1, 0, 0), 0.5).unwrap_err();
-        assert!(err.to_string().contains("none empty"), "{err}");
+        let qkv = random(&[1, 0, 16], 1, 1.0);
+        let angles = random(&[1, 1, 0, 4], 2, 1.0);
+        let err = qkv_attention_bf16(&qkv, (2, 1), (&angles, &angles), &mask(1, 0, 0), 0.5);
+        assert!(err.unwrap_err().to_string().contains("none empty"));
     }
 }

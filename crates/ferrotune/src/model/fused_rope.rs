@@ -76,15 +76,10 @@ impl Rotary {
     /// or as `[B, T, H·D]` for a `tokens` rotary.
     fn backward(&self, dy: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
         let (h, t, d) = (self.heads, self.positions, self.dim);
-        let half = d / 2;
         let row = |dx: &mut [MaybeUninit<f32>], row: usize| {
-            let dy = &dy[row * d..(row + 1) * d];
             let table = self.table_row(row);
-            let (c, s) = (&cos[table.clone()], &sin[table]);
-            for k in 0..half {
-                dx[k].write(dy[k] * c[k] + dy[k + half] * s[k + half]);
-                dx[k + half].write(dy[k + half] * c[k + half] - dy[k] * s[k]);
-            }
+            let dy = &dy[row * d..(row + 1) * d];
+            unrotate_row(dy, &cos[table.clone()], &sin[table], dx);
         };
         let write = |dx: &mut [MaybeUninit<f32>]| {
             if self.tokens {
@@ -109,6 +104,35 @@ impl Rotary {
         // SAFETY: every row (of every token's heads) is written, both halves.
         unsafe { new_written(dy.len(), write) }
     }
+}
+
+/// One row of the rotary's backward, `dx = dy·cos + rotate_halfᵀ(dy·sin)` with
+/// `rotate_halfᵀ([a₁, a₂]) = [a₂, −a₁]`, for the cos and sin rows of its position.
+pub(super) fn unrotate_row(dy: &[f32], c: &[f32], s: &[f32], dx: &mut [MaybeUninit<f32>]) {
+    let half = dy.len() / 2;
+    for k in 0..half {
+        dx[k].write(dy[k] * c[k] + dy[k + half] * s[k + half]);
+        dx[k + half].write(dy[k + half] * c[k + half] - dy[k] * s[k]);
+    }
+}
+
+/// The rotary's forward of `heads` heads read from a token-layout buffer: head `h` of token
+/// `t` of batch row `b` at `x[start + (b·T + t)·ld + h·D ..][..D]`, cos/sin `[B, 1, T, D]`.
+/// Returns the rotated heads `[B, heads, T, D]`.
+pub(super) fn rotate_heads(
+    x: &[f32],
+    (start, ld): (usize, usize),
+    (heads, positions, dim): (usize, usize, usize),
+    cos: &[f32],
+    sin: &[f32],
+) -> Vec<f32> {
+    let rotary = Rotary {
+        heads,
+        positions,
+        dim,
+        tokens: true,
+    };
+    rotary.forward(x, start, [positions * ld, dim, ld], cos, sin)
 }
 
 impl CustomOp3 for Rotary {
