@@ -37,7 +37,7 @@ struct Attention {
     kv_heads: usize,
     /// Queries per head (T).
     queries: usize,
-    /// Keys per head (S).
+    /// Keys per head (S; self-attention, so S = T).
     keys: usize,
     /// Head dimension (D).
     dim: usize,
@@ -183,7 +183,8 @@ impl Attention {
     }
 
     /// Item `i`'s gradients: `dQ` and `dK` into their slots of the head-layout results, `dV`
-    /// returned as a `[S, D]` block (its rows interleave with other items' in `[B, S, KV·D]`).
+    /// returned as a `[S, D]` block (its rows go to the v columns of the joint projection's
+    /// gradient, interleaved with other items').
     #[allow(clippy::too_many_arguments)]
     fn backward_item(
         &self,
@@ -362,7 +363,7 @@ impl CustomOp1 for Attention {
     }
 }
 
-/// Whether [`attention_bf16`] takes these tensors (CPU, f32); it has no fallback.
+/// Whether [`qkv_attention_bf16`] takes these tensors (CPU, f32); it has no fallback.
 pub fn fuses(tensors: &[&Tensor]) -> bool {
     cpu_f32(tensors)
 }
@@ -384,7 +385,8 @@ pub fn qkv_attention_bf16(
     }
     let (b, t, width) = qkv.dims3()?;
     let d = width / (heads + 2 * kv_heads).max(1);
-    let fits = kv_heads > 0
+    let fits = heads > 0
+        && kv_heads > 0
         && heads.is_multiple_of(kv_heads)
         && width == (heads + 2 * kv_heads) * d
         && d.is_multiple_of(2)
@@ -552,7 +554,9 @@ mod tests {
         // 16 columns are not (3 + 2·1)·D for any D.
         let err = qkv_attention_bf16(&qkv, (3, 1), (&angles, &angles), &mask(1, 3, 3), 0.5);
         assert!(err.unwrap_err().to_string().contains("do not fit"));
-        // Empty sequences are refused, not run.
+        // No query heads, or an empty sequence: refused, not run.
+        let none = qkv_attention_bf16(&qkv, (0, 2), (&angles, &angles), &mask(1, 3, 3), 0.5);
+        assert!(none.unwrap_err().to_string().contains("do not fit"));
         let qkv = random(&[1, 0, 16], 1, 1.0);
         let angles = random(&[1, 1, 0, 4], 2, 1.0);
         let err = qkv_attention_bf16(&qkv, (2, 1), (&angles, &angles), &mask(1, 0, 0), 0.5);
