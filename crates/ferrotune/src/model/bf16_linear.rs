@@ -10,10 +10,10 @@
 //! bias gradient one element at a time). On other devices, or for non-f32 tensors, it is the
 //! ordinary [`super::ops::linear`].
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 
 use super::bf16_gemm::{matmul_to_vec, Operand};
-use super::fused::{cpu_error, f32_slice, two_input_grads, with_f32};
+use super::fused::{cpu_error, cpu_f32, f32_slice, two_input_grads, with_f32};
 use super::ops;
 use crate::error::Result;
 
@@ -23,27 +23,61 @@ pub(super) fn threads() -> usize {
 }
 
 /// `x [.., in] · w [out, in]ᵀ (+ b [out])`, `rows` = the product of x's leading dimensions.
-struct LinearBf16 {
-    rows: usize,
-    inputs: usize,
-    outputs: usize,
+/// Also the projections of [`super::fused_mlp`].
+pub(super) struct LinearBf16 {
+    pub(super) rows: usize,
+    pub(super) inputs: usize,
+    pub(super) outputs: usize,
     /// The output's shape: x's with the last dimension `outputs`.
-    shape: Shape,
+    pub(super) shape: Shape,
 }
 
 impl LinearBf16 {
+    /// For an `x` of dimensions `x_dims` (at least one, the last the weight's inputs) and a
+    /// weight of `outputs` rows.
+    pub(super) fn for_input(x_dims: &[usize], outputs: usize) -> Self {
+        let (&inputs, leading) = x_dims.split_last().expect("x has at least one dimension");
+        let mut dims = x_dims.to_vec();
+        *dims.last_mut().expect("x has at least one dimension") = outputs;
+        LinearBf16 {
+            rows: leading.iter().product(),
+            inputs,
+            outputs,
+            shape: Shape::from(dims),
+        }
+    }
+
+    /// `x · wᵀ`.
+    pub(super) fn product(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let (r, k, n) = (self.rows, self.inputs, self.outputs);
+        let x = Operand::DepthInner { data: x, ld: k };
+        matmul_to_vec(
+            (r, n, k),
+            x,
+            Operand::DepthInner { data: w, ld: k },
+            threads(),
+        )
+    }
+
+    /// `dx [r, k] = dy [r, n] · w [n, k]`: w's rows are the depth.
+    pub(super) fn input_grad(&self, dy: &[f32], w: &[f32]) -> Vec<f32> {
+        let (r, k, n) = (self.rows, self.inputs, self.outputs);
+        let dy = Operand::DepthInner { data: dy, ld: n };
+        matmul_to_vec(
+            (r, k, n),
+            dy,
+            Operand::DepthOuter { data: w, ld: k },
+            threads(),
+        )
+    }
+
     fn forward(&self, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> candle_core::Result<Vec<f32>> {
         let (r, k, n) = (self.rows, self.inputs, self.outputs);
         let bias_fits = bias.is_none_or(|b| b.len() == n);
         if x.len() != r * k || w.len() != n * k || !bias_fits {
             return Err(cpu_error("linear-bf16: input shapes changed"));
         }
-        let mut y = matmul_to_vec(
-            (r, n, k),
-            Operand::DepthInner { data: x, ld: k },
-            Operand::DepthInner { data: w, ld: k },
-            threads(),
-        );
+        let mut y = self.product(x, w);
         if let Some(b) = bias.filter(|_| n > 0) {
             for row in y.chunks_mut(n) {
                 for (y, &b) in row.iter_mut().zip(b) {
@@ -56,13 +90,7 @@ impl LinearBf16 {
 
     fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let (r, k, n) = (self.rows, self.inputs, self.outputs);
-        // dx [r, k] = dy [r, n] · w [n, k]: w's rows are the depth.
-        let dx = matmul_to_vec(
-            (r, k, n),
-            Operand::DepthInner { data: dy, ld: n },
-            Operand::DepthOuter { data: w, ld: k },
-            threads(),
-        );
+        let dx = self.input_grad(dy, w);
         // dw [n, k] = dyᵀ [n, r] · x [r, k]: the rows (tokens) are the depth of both.
         let dw = matmul_to_vec(
             (n, k, r),
@@ -150,9 +178,8 @@ impl CustomOp3 for LinearBf16 {
 /// in bf16 with f32 accumulation on the CPU (f32 tensors), the bias added in f32; gradients
 /// reach `x`, `weight` and `bias`.
 pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    let f32_bias = bias.is_none_or(|b| b.dtype() == DType::F32 && b.device().is_cpu());
-    if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 || !f32_bias
-    {
+    let tensors: Vec<&Tensor> = [x, weight].into_iter().chain(bias).collect();
+    if !cpu_f32(&tensors) {
         return ops::linear(x, weight, bias);
     }
     let (outputs, inputs) = weight.dims2()?;
@@ -165,15 +192,7 @@ pub fn linear_bf16(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result
             bias.map(|b| b.dims().to_vec())
         )));
     }
-    let mut dims = x.dims().to_vec();
-    let rows = dims[..dims.len() - 1].iter().product();
-    *dims.last_mut().expect("rank >= 1") = outputs;
-    let op = LinearBf16 {
-        rows,
-        inputs,
-        outputs,
-        shape: Shape::from(dims),
-    };
+    let op = LinearBf16::for_input(x.dims(), outputs);
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     Ok(match bias {
         Some(b) => x.apply_op3(&weight, &b.contiguous()?, op)?,

@@ -341,12 +341,12 @@ impl Decoder {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
             let normed = fused::rms_norm(&x, &layer.input_norm, self.config.rms_norm_eps)?;
-            let fuse = self.bf16_linears
-                && normed.elem_count() > 0
-                && fused_attention::fuses(&[&normed, &mask]);
-            let fused = match fuse {
-                true => self.attention_bf16(&layer.attention, &normed, (&cos, &sin), &mask)?,
-                false => None,
+            let fuse =
+                self.bf16_linears && normed.elem_count() > 0 && fused::cpu_f32(&[&normed, &mask]);
+            let fused = if fuse {
+                self.attention_bf16(&layer.attention, &normed, (&cos, &sin), &mask)?
+            } else {
+                None
             };
             let attn = match fused {
                 Some(attn) => attn,
@@ -582,7 +582,7 @@ impl Decoder {
     fn mlp(&self, m: &Mlp, x: &Tensor, step: bool) -> Result<Tensor> {
         let (wg, wu) = (&m.gate.weight, &m.up.weight);
         let unbiased = m.gate.bias.is_none() && m.up.bias.is_none();
-        if self.bf16_linears && !step && unbiased && fused_mlp::fuses(&[x, wg, wu]) {
+        if self.bf16_linears && !step && unbiased && fused::cpu_f32(&[x, wg, wu]) {
             // Training and whole-sequence passes: gate, up and SwiGLU as one op.
             let act = fused_mlp::gated_mlp_bf16(x, wg, wu)?;
             return self.linear(&act, &m.down, step);

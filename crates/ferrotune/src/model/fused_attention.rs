@@ -363,16 +363,11 @@ impl CustomOp1 for Attention {
     }
 }
 
-/// Whether [`qkv_attention_bf16`] takes these tensors (CPU, f32); it has no fallback.
-pub fn fuses(tensors: &[&Tensor]) -> bool {
-    cpu_f32(tensors)
-}
-
 /// Self-attention from the joint projection `qkv` [B, T, (H + 2·KV)·D] (q heads, then k, then
 /// v): q and k rotated with `cos`/`sin` [B, 1, T, D], then `softmax(scale · Q·Kᵀ + mask) · V`
 /// with `mask` [B, 1, T, T]; returns [B, T, H·D], the layout of the output projection's input.
-/// Products in bf16 with f32 accumulation, the gradient to `qkv`. CPU f32 tensors only
-/// ([`fuses`]), no empty dimension.
+/// Products in bf16 with f32 accumulation, the gradient to `qkv`. CPU f32 tensors only (no
+/// fallback), no empty dimension.
 pub fn qkv_attention_bf16(
     qkv: &Tensor,
     (heads, kv_heads): (usize, usize),
@@ -380,7 +375,7 @@ pub fn qkv_attention_bf16(
     mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    if !fuses(&[qkv, cos, sin, mask]) {
+    if !cpu_f32(&[qkv, cos, sin, mask]) {
         return Err(Error::invalid("qkv_attention_bf16: CPU f32 tensors only"));
     }
     let (b, t, width) = qkv.dims3()?;
@@ -426,7 +421,7 @@ pub fn qkv_attention_bf16(
 mod tests {
     use super::super::bf16_matmul::{matmul_bf16, matmul_bf16_nt};
     use super::super::decoder::MASKED;
-    use super::super::fused_rope::apply_rotary_to_heads;
+    use super::super::fused_rope::apply_rotary;
     use super::super::fused_softmax::masked_softmax;
     use super::super::ops;
     use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random};
@@ -449,7 +444,7 @@ mod tests {
     }
 
     /// The composed path the decoder took before this op, from the joint projection: split,
-    /// rotate (`bf16`: the fused rotary; else candle's ops on the head views), fold the groups,
+    /// rotate the head views (`bf16`: the fused rotary; else candle's ops), fold the groups,
     /// `Q·Kᵀ`, masked softmax, `P·V`, unfold to tokens.
     fn composed(
         qkv: &Tensor,
@@ -463,14 +458,14 @@ mod tests {
         let d = width / (h + 2 * kv);
         let part = |start: usize, heads: usize| qkv.narrow(2, start * d, heads * d).unwrap();
         let rotated = |x: Tensor, heads: usize| {
+            let view = x
+                .reshape((b, t, heads, d))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
             if bf16 {
-                apply_rotary_to_heads(&x, heads, cos, sin).unwrap()
+                apply_rotary(&view, cos, sin).unwrap()
             } else {
-                let view = x
-                    .reshape((b, t, heads, d))
-                    .unwrap()
-                    .transpose(1, 2)
-                    .unwrap();
                 ops::apply_rotary(&view, cos, sin).unwrap()
             }
         };

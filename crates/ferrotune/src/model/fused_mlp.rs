@@ -12,21 +12,15 @@ use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Tensor, D};
 
-use super::bf16_gemm::{matmul_packed_to_vec, matmul_to_vec, Operand, PackedB};
-use super::bf16_linear::threads;
+use super::bf16_gemm::{matmul_packed_to_vec, Operand, PackedB};
+use super::bf16_linear::{threads, LinearBf16};
 use super::fused::{cpu_error, cpu_f32, f32_slice, three_input_grads};
 use super::fused_swiglu::Swiglu;
 use crate::error::{Error, Result};
 
 struct GatedMlp {
-    /// Tokens: the product of x's leading dimensions.
-    rows: usize,
-    /// Hidden size (x's last dimension).
-    inputs: usize,
-    /// Intermediate size.
-    outputs: usize,
-    /// The output's shape: x's with the last dimension `outputs`.
-    shape: Shape,
+    /// Both projections' dimensions: x's rows, hidden size in, intermediate size out.
+    linear: LinearBf16,
     /// Whether a gradient will be asked for (else the activations are not kept).
     keep: bool,
     /// The forward's gate and up activations, `[rows, outputs]` each.
@@ -36,18 +30,6 @@ struct GatedMlp {
 impl GatedMlp {
     fn swiglu(&self) -> Swiglu {
         Swiglu { fast_exp: true }
-    }
-
-    /// `x · wᵀ`, as [`super::bf16_linear`] computes it.
-    fn project(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let (r, k, n) = (self.rows, self.inputs, self.outputs);
-        let x = Operand::DepthInner { data: x, ld: k };
-        matmul_to_vec(
-            (r, n, k),
-            x,
-            Operand::DepthInner { data: w, ld: k },
-            threads(),
-        )
     }
 
     /// `dx = d_gate·w_gate + d_up·w_up`, `dw_gate = d_gateᵀ·x`, `dw_up = d_upᵀ·x`.
@@ -65,19 +47,11 @@ impl GatedMlp {
                 "gated-mlp: no saved activations to backpropagate",
             ));
         };
-        let (r, k, n) = (self.rows, self.inputs, self.outputs);
+        let linear = &self.linear;
+        let (r, k, n) = (linear.rows, linear.inputs, linear.outputs);
         let (d_gate, d_up) = self.swiglu().backward(gate, up, grad);
-        let dx_part = |dy: &[f32], w: &[f32]| {
-            let dy = Operand::DepthInner { data: dy, ld: n };
-            matmul_to_vec(
-                (r, k, n),
-                dy,
-                Operand::DepthOuter { data: w, ld: k },
-                threads(),
-            )
-        };
-        let mut dx = dx_part(&d_gate, w_gate);
-        for (a, b) in dx.iter_mut().zip(dx_part(&d_up, w_up)) {
+        let mut dx = linear.input_grad(&d_gate, w_gate);
+        for (a, b) in dx.iter_mut().zip(linear.input_grad(&d_up, w_up)) {
             *a += b;
         }
         // The tokens are the depth of both weight gradients; x is packed once for the two.
@@ -106,14 +80,15 @@ impl CustomOp3 for GatedMlp {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, w_gate, w_up) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let weight_len = self.outputs * self.inputs;
-        if x.len() != self.rows * self.inputs
+        let linear = &self.linear;
+        let weight_len = linear.outputs * linear.inputs;
+        if x.len() != linear.rows * linear.inputs
             || w_gate.len() != weight_len
             || w_up.len() != weight_len
         {
             return Err(cpu_error("gated-mlp: input shapes changed"));
         }
-        let (gate, up) = (self.project(x, w_gate), self.project(x, w_up));
+        let (gate, up) = (linear.product(x, w_gate), linear.product(x, w_up));
         let y = self.swiglu().forward(&gate, &up);
         if self.keep {
             *self
@@ -121,7 +96,7 @@ impl CustomOp3 for GatedMlp {
                 .lock()
                 .map_err(|_| cpu_error("gated-mlp: poisoned"))? = Some((gate, up));
         }
-        Ok((CpuStorage::F32(y), self.shape.clone()))
+        Ok((CpuStorage::F32(y), self.linear.shape.clone()))
     }
 
     fn bwd(
@@ -138,17 +113,11 @@ impl CustomOp3 for GatedMlp {
     }
 }
 
-/// Whether [`gated_mlp_bf16`] runs for these tensors (CPU, f32).
-pub fn fuses(tensors: &[&Tensor]) -> bool {
-    cpu_f32(tensors)
-}
-
 /// `silu(x·w_gateᵀ) ⊙ (x·w_upᵀ)` for `x` [.., hidden] and weights [intermediate, hidden]: the
 /// products in bf16 with f32 accumulation, the SwiGLU's exps through the vector `exp`, as the
-/// decoder computes them under bf16 autocast; gradients to all three. CPU f32 tensors only
-/// ([`fuses`]).
+/// decoder computes them under bf16 autocast; gradients to all three. CPU f32 tensors only.
 pub fn gated_mlp_bf16(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tensor> {
-    if !fuses(&[x, w_gate, w_up]) {
+    if !cpu_f32(&[x, w_gate, w_up]) {
         return Err(Error::invalid("gated_mlp_bf16: CPU f32 tensors only"));
     }
     let (outputs, inputs) = w_gate.dims2()?;
@@ -160,13 +129,8 @@ pub fn gated_mlp_bf16(x: &Tensor, w_gate: &Tensor, w_up: &Tensor) -> Result<Tens
             w_up.dims()
         )));
     }
-    let mut dims = x.dims().to_vec();
-    *dims.last_mut().expect("rank >= 1") = outputs;
     let op = GatedMlp {
-        rows: dims[..dims.len() - 1].iter().product(),
-        inputs,
-        outputs,
-        shape: Shape::from(dims),
+        linear: LinearBf16::for_input(x.dims(), outputs),
         keep: x.track_op() || w_gate.track_op() || w_up.track_op(),
         saved: Mutex::new(None),
     };

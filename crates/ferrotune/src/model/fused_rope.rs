@@ -23,11 +23,6 @@ struct Rotary {
     positions: usize,
     /// The head dimension (D), even.
     dim: usize,
-    /// `x` is the projection itself, `[B, T, H·D]` (contiguous), not a `[B, H, T, D]` view of
-    /// it: the gradient then comes back in that layout, so no reshape or transpose nodes sit
-    /// between the projection and the rotation (each would cost the backward pass a zero
-    /// fill and an add of the whole tensor).
-    tokens: bool,
 }
 
 impl Rotary {
@@ -72,36 +67,20 @@ impl Rotary {
     }
 
     /// The transpose of the forward map: `dx = dy·cos + rotate_halfᵀ(dy·sin)`, where
-    /// `rotate_halfᵀ([a₁, a₂]) = [a₂, −a₁]`. `dy` is `[B, H, T, D]`; `dx` comes out the same,
-    /// or as `[B, T, H·D]` for a `tokens` rotary.
+    /// `rotate_halfᵀ([a₁, a₂]) = [a₂, −a₁]`, `dy` and `dx` `[B, H, T, D]`.
     fn backward(&self, dy: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
-        let (h, t, d) = (self.heads, self.positions, self.dim);
-        let row = |dx: &mut [MaybeUninit<f32>], row: usize| {
-            let table = self.table_row(row);
-            let dy = &dy[row * d..(row + 1) * d];
-            unrotate_row(dy, &cos[table.clone()], &sin[table], dx);
-        };
+        let d = self.dim;
         let write = |dx: &mut [MaybeUninit<f32>]| {
-            if self.tokens {
-                // One task row per token: its H heads, each from row (b, head, t) of `dy`.
-                for_each_rows(dx, h * d, |offset, block| {
-                    for (i, token) in block.chunks_mut(h * d).enumerate() {
-                        let r = offset / (h * d) + i;
-                        let (bi, ti) = (r / t, r % t);
-                        for (hi, dx) in token.chunks_mut(d).enumerate() {
-                            row(dx, (bi * h + hi) * t + ti);
-                        }
-                    }
-                });
-            } else {
-                for_each_rows(dx, d, |offset, block| {
-                    for (i, dx) in block.chunks_mut(d).enumerate() {
-                        row(dx, offset / d + i);
-                    }
-                });
-            }
+            for_each_rows(dx, d, |offset, block| {
+                for (i, dx) in block.chunks_mut(d).enumerate() {
+                    let row = offset / d + i;
+                    let table = self.table_row(row);
+                    let dy = &dy[row * d..(row + 1) * d];
+                    unrotate_row(dy, &cos[table.clone()], &sin[table], dx);
+                }
+            })
         };
-        // SAFETY: every row (of every token's heads) is written, both halves.
+        // SAFETY: every row of every block is written, both halves.
         unsafe { new_written(dy.len(), write) }
     }
 }
@@ -130,7 +109,6 @@ pub(super) fn rotate_heads(
         heads,
         positions,
         dim,
-        tokens: true,
     };
     rotary.forward(x, start, [positions * ld, dim, ld], cos, sin)
 }
@@ -149,31 +127,22 @@ impl CustomOp3 for Rotary {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (h, t, d) = (self.heads, self.positions, self.dim);
-        let (strides, shape) = if self.tokens {
-            let b = l1.shape().elem_count() / (t * h * d);
-            if !l1.is_contiguous() || l1.dims() != [b, t, h * d] {
-                return Err(cpu_error("rotary: x must be a contiguous [B, T, H*D]"));
-            }
-            ([t * h * d, d, h * d], Shape::from((b, h, t, d)))
-        } else {
-            let stride = l1.stride();
-            if stride.len() != 4 || stride[3] != 1 {
-                return Err(cpu_error(
-                    "rotary: x must have a unit stride in the head dimension",
-                ));
-            }
-            ([stride[0], stride[1], stride[2]], l1.shape().clone())
-        };
+        let stride = l1.stride();
+        if stride.len() != 4 || stride[3] != 1 {
+            return Err(cpu_error(
+                "rotary: x must have a unit stride in the head dimension",
+            ));
+        }
         let x = s1.as_slice::<f32>()?;
+        let strides = [stride[0], stride[1], stride[2]];
         let (cos, sin) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let y = self.forward(x, l1.start_offset(), strides, cos, sin);
-        Ok((CpuStorage::F32(y), shape))
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
     fn bwd(
         &self,
-        x: &Tensor,
+        _x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
         res: &Tensor,
@@ -183,7 +152,7 @@ impl CustomOp3 for Rotary {
         let dx = with_f32(&grad, |dy| {
             with_f32(cos, |c| with_f32(sin, |s| Ok(self.backward(dy, c, s))))
         })?;
-        let dx = Tensor::from_vec(dx, x.shape(), res.device())?;
+        let dx = Tensor::from_vec(dx, res.shape(), res.device())?;
         Ok((Some(dx), None, None))
     }
 }
@@ -211,38 +180,8 @@ pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         heads: h,
         positions: t,
         dim: d,
-        tokens: false,
     };
     Ok(x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)?)
-}
-
-/// [`apply_rotary`] of a projection `x` [B, T, H·D] seen as `heads` heads: returns the rotated
-/// heads [B, H, T, D] (contiguous), and the gradient reaches `x` in its own layout. The same
-/// as `apply_rotary(x.reshape((B, T, H, D)).transpose(1, 2))`, without the reshape and transpose
-/// in the graph.
-pub fn apply_rotary_to_heads(
-    x: &Tensor,
-    heads: usize,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> Result<Tensor> {
-    let (b, t, width) = x.dims3()?;
-    let d = width / heads.max(1);
-    let on_cpu = x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu();
-    let f32s = [x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
-    let tables = cos.dims() == [b, 1, t, d] && sin.dims() == [b, 1, t, d];
-    let empty = x.elem_count() == 0;
-    if empty || !(on_cpu && f32s && tables && d * heads == width && d.is_multiple_of(2)) {
-        return apply_rotary(&x.reshape((b, t, heads, d))?.transpose(1, 2)?, cos, sin);
-    }
-    let op = Rotary {
-        heads,
-        positions: t,
-        dim: d,
-        tokens: true,
-    };
-    Ok(x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)?)
 }
 
 #[cfg(test)]
@@ -270,25 +209,6 @@ mod tests {
     fn rotary_matches_composed_values_and_gradients() {
         check_against_composed([2, 3, 5, 6], false);
         check_against_composed([2, 3, 5, 6], true);
-    }
-
-    /// The projection-layout entry equals the transposed view's, values and gradients.
-    #[test]
-    fn rotary_to_heads_matches_the_transposed_view() {
-        for [b, h, t, d] in [[2, 3, 5, 6], [2, 5, 67, 64]] {
-            let x = Var::from_tensor(&random(&[b, t, h * d], 56, 2.0)).unwrap();
-            let angles = random(&[b, 1, t, d], 57, 3.0);
-            let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-            let fused = apply_rotary_to_heads(&x, h, &cos, &sin).unwrap();
-            let view = x.reshape((b, t, h, d)).unwrap().transpose(1, 2).unwrap();
-            let reference = ops::apply_rotary(&view, &cos, &sin).unwrap();
-            assert_eq!(fused.dims(), [b, h, t, d]);
-            // The fused kernel on the view: the same arithmetic, the same bits.
-            let on_view = apply_rotary(&view, &cos, &sin).unwrap();
-            assert_eq!(max_abs_diff(&fused, &on_view), 0.0);
-            assert!(max_abs_diff(&fused, &reference) < 1e-6);
-            assert_same_gradients(&fused, &reference, &[&x], 58, 1e-5, Some(1e-2));
-        }
     }
 
     #[test]
