@@ -449,6 +449,7 @@ impl Aligned {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::fast_exp::lanes;
     use super::*;
     use std::arch::x86_64::*;
 
@@ -495,15 +496,6 @@ mod avx512 {
             }
         }
         out
-    }
-
-    /// Keeps the low `n` of 16 lanes.
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
     }
 
     /// Pairs of 32 consecutive f32 (`n` of them valid, the rest read as zero) as 16 u32 lanes

@@ -61,19 +61,21 @@ fn scalar_exp(d: f32) -> f32 {
     }
 }
 
+/// The mask that keeps the low `n` of 16 lanes (a row's tail), for this module's and
+/// [`super::bf16_gemm`]'s masked loads and stores.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn lanes(n: usize) -> std::arch::x86_64::__mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        ((1u32 << n) - 1) as std::arch::x86_64::__mmask16
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::EXP_UNDERFLOW;
+    use super::{lanes, EXP_UNDERFLOW};
     use std::arch::x86_64::*;
-
-    /// Keeps the low `n` of 16 lanes.
-    fn lanes(n: usize) -> __mmask16 {
-        if n >= 16 {
-            0xFFFF
-        } else {
-            ((1u32 << n) - 1) as __mmask16
-        }
-    }
 
     /// `exp(d)` in 16 lanes: `d = n·ln2 + r` with |r| ≤ ln2/2 (ln2 split in two for an exact
     /// `n·ln2_hi`), Cephes' `expf` polynomial for `e^r`, then `·2ⁿ`. Lanes below
