@@ -127,50 +127,87 @@ fn every_parameter_gets_a_nonzero_gradient_under_cpu_bf16_autocast() {
     }
 }
 
+/// The batch of `gradients.json` (`scripts/fixtures/make_grad_fixtures.py`) and its reference
+/// gradients per model.
+struct GradFixture {
+    json: serde_json::Value,
+    ids: Vec<Vec<u32>>,
+    mask: Vec<Vec<u32>>,
+    scored: Vec<Vec<bool>>,
+}
+
+impl GradFixture {
+    fn read() -> Self {
+        let json = crate::read_fixture_json("gradients.json");
+        let rows = |key: &str| -> Vec<Vec<u32>> {
+            json[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    let r = r.as_array().unwrap();
+                    r.iter().map(|x| x.as_u64().unwrap() as u32).collect()
+                })
+                .collect()
+        };
+        let (ids, mask) = (rows("input_ids"), rows("attention_mask"));
+        let scored = rows("scored")
+            .into_iter()
+            .map(|r| r.into_iter().map(|x| x != 0).collect())
+            .collect();
+        GradFixture {
+            json,
+            ids,
+            mask,
+            scored,
+        }
+    }
+
+    /// The mean next-token loss over the scored positions, through the training path
+    /// (`forward_hidden` and the fused chunked head; `bf16`: its bf16 product).
+    fn loss(&self, decoder: &Decoder, bf16: bool) -> Tensor {
+        use ferrotune::model::fused::head_logprobs;
+
+        let (b, t) = (self.ids.len(), self.ids[0].len());
+        let flat = |v: &[Vec<u32>]| Tensor::from_vec(v.concat(), (b, t), &Device::Cpu).unwrap();
+        let hidden = decoder
+            .forward_hidden(&flat(&self.ids), Some(&flat(&self.mask)))
+            .unwrap();
+        let head = decoder.head_weight();
+        let (logp, _) = head_logprobs(&hidden, head, &self.ids, &self.scored, bf16).unwrap();
+        let count = self.scored.iter().flatten().filter(|&&s| s).count() as f64;
+        (logp.sum_all().unwrap().neg().unwrap() / count).unwrap()
+    }
+}
+
+/// A parameter's gradient as f32 values, with its norm and sum in f64.
+fn gradient_of(grads: &GradStore, var: &Var, what: &str) -> (Vec<f32>, f64, f64) {
+    let g: Vec<f32> = grads
+        .get(var.as_tensor())
+        .unwrap_or_else(|| panic!("no gradient for {what}"))
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let sum = g.iter().map(|&x| x as f64).sum();
+    (g, norm, sum)
+}
+
 /// The training path's gradients (decoder with the fused RMSNorm, fused chunked head +
 /// cross-entropy) equal transformers' autograd in float64 (`scripts/fixtures/make_grad_fixtures.py`)
 /// for every parameter: norm, sum and the first 16 values, to 1e-4 relative.
 #[test]
 fn sft_loss_gradients_match_transformers() {
-    use ferrotune::model::fused::head_logprobs;
-
-    let fixture = crate::read_fixture_json("gradients.json");
-    let rows = |key: &str| -> Vec<Vec<u32>> {
-        fixture[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_u64().unwrap() as u32)
-                    .collect()
-            })
-            .collect()
-    };
-    let ids = rows("input_ids");
-    let mask = rows("attention_mask");
-    let scored: Vec<Vec<bool>> = rows("scored")
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x != 0).collect())
-        .collect();
-    let (b, t) = (ids.len(), ids[0].len());
-    let flat = |v: &[Vec<u32>]| Tensor::from_vec(v.concat(), (b, t), &Device::Cpu).unwrap();
-    for (name, reference) in fixture["models"].as_object().unwrap() {
+    let fixture = GradFixture::read();
+    for (name, reference) in fixture.json["models"].as_object().unwrap() {
         let (config, vars) = fixture_vars(name);
         let params = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
             .collect();
         let decoder = Decoder::from_params(config, params).unwrap();
-        let hidden = decoder
-            .forward_hidden(&flat(&ids), Some(&flat(&mask)))
-            .unwrap();
-        let (logp, _) =
-            head_logprobs(&hidden, decoder.head_weight(), &ids, &scored, false).unwrap();
-        let count = scored.iter().flatten().filter(|&&s| s).count() as f64;
-        let loss = (logp.sum_all().unwrap().neg().unwrap() / count).unwrap();
+        let loss = fixture.loss(&decoder, false);
         let want_loss = reference["loss"].as_f64().unwrap();
         let got_loss = loss.to_scalar::<f32>().unwrap() as f64;
         assert!(
@@ -183,15 +220,7 @@ fn sft_loss_gradients_match_transformers() {
             let var = vars
                 .get(pname)
                 .unwrap_or_else(|| panic!("{name}: no parameter {pname}"));
-            let g: Vec<f32> = grads
-                .get(var.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let sum: f64 = g.iter().map(|&x| x as f64).sum();
+            let (g, norm, sum) = gradient_of(&grads, var, &format!("{name} {pname}"));
             let want_norm = want["norm"].as_f64().unwrap();
             assert!(
                 close(norm, want_norm, want_norm),
@@ -221,53 +250,20 @@ fn sft_loss_gradients_match_transformers() {
 /// v's slices of the joint projection swapped) fails this.
 #[test]
 fn sft_loss_gradients_under_cpu_bf16_autocast_match_transformers_within_rounding() {
-    use ferrotune::model::fused::head_logprobs;
     use ferrotune::train::trainer::compute_decoder;
 
-    let fixture = crate::read_fixture_json("gradients.json");
-    let rows = |key: &str| -> Vec<Vec<u32>> {
-        fixture[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                let r = r.as_array().unwrap();
-                r.iter().map(|x| x.as_u64().unwrap() as u32).collect()
-            })
-            .collect()
-    };
-    let (ids, mask) = (rows("input_ids"), rows("attention_mask"));
-    let scored: Vec<Vec<bool>> = rows("scored")
-        .into_iter()
-        .map(|r| r.into_iter().map(|x| x != 0).collect())
-        .collect();
-    let (b, t) = (ids.len(), ids[0].len());
-    let flat = |v: &[Vec<u32>]| Tensor::from_vec(v.concat(), (b, t), &Device::Cpu).unwrap();
+    let fixture = GradFixture::read();
     let mut worst = 0f64;
-    for (name, reference) in fixture["models"].as_object().unwrap() {
+    for (name, reference) in fixture.json["models"].as_object().unwrap() {
         let (config, vars) = fixture_vars(name);
         let decoder = compute_decoder(&config, &vars, DType::BF16).unwrap();
         assert!(
             decoder.bf16_linears(),
             "{name}: bf16 on the CPU is autocast"
         );
-        let hidden = decoder
-            .forward_hidden(&flat(&ids), Some(&flat(&mask)))
-            .unwrap();
-        let (logp, _) = head_logprobs(&hidden, decoder.head_weight(), &ids, &scored, true).unwrap();
-        let count = scored.iter().flatten().filter(|&&s| s).count() as f64;
-        let loss = (logp.sum_all().unwrap().neg().unwrap() / count).unwrap();
-        let grads = loss.backward().unwrap();
+        let grads = fixture.loss(&decoder, true).backward().unwrap();
         for (pname, want) in reference["params"].as_object().unwrap() {
-            let g: Vec<f32> = grads
-                .get(vars[pname].as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient for {pname}"))
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-            let sum: f64 = g.iter().map(|&x| x as f64).sum();
+            let (g, norm, sum) = gradient_of(&grads, &vars[pname], &format!("{name} {pname}"));
             let want_norm = want["norm"].as_f64().unwrap();
             let mut gaps = vec![(norm - want_norm).abs() / want_norm];
             gaps.push((sum - want["sum"].as_f64().unwrap()).abs() / want_norm);
