@@ -65,11 +65,50 @@ pub fn choice(value: Option<&str>, local_rank: usize, cuda_built: bool) -> Resul
 pub fn open(choice: Choice) -> Result<Device> {
     match choice {
         Choice::Cpu => Ok(Device::Cpu),
-        Choice::Cuda(ordinal) => Device::new_cuda(ordinal).map_err(|e| {
-            Error::invalid(format!(
-                "cannot open CUDA device {ordinal} ({DEVICE_VAR}, or the local rank, chose it; `nvidia-smi -L` lists this node's GPUs): {e}"
-            ))
-        }),
+        Choice::Cuda(ordinal) => {
+            let device = Device::new_cuda(ordinal).map_err(|e| {
+                Error::invalid(format!(
+                    "cannot open CUDA device {ordinal} ({DEVICE_VAR}, or the local rank, chose it; `nvidia-smi -L` lists this node's GPUs): {e}"
+                ))
+            })?;
+            #[cfg(feature = "cuda")]
+            keep_freed_memory(&device);
+            Ok(device)
+        }
+    }
+}
+
+/// Stops the GPU's stream-ordered allocator from handing freed memory back to the driver.
+///
+/// candle allocates through cudarc's `cuMemAllocAsync`, from the device's current memory pool
+/// (its default pool), whose release threshold is 0: every synchronisation (a loss read back, a gradient norm)
+/// trims the pool, and the next step maps its gigabytes of activations afresh. A threshold of
+/// "all of it" keeps freed blocks for reuse, as PyTorch's caching allocator does; memory still
+/// returns to the driver when the process ends. Best effort: a driver that refuses only costs
+/// speed, so it is a warning.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(device: &Device) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let Ok(cuda) = device.as_cuda_device() else {
+        return;
+    };
+    let dev = cuda.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: plain driver calls on a device candle has just opened; `pool` and `threshold`
+    // outlive them, and the attribute takes a pointer to a u64 (cuda.h).
+    let status = unsafe {
+        match sys::cuDeviceGetMemPool(&mut pool, dev) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ),
+            err => err,
+        }
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        tracing::warn!("could not raise the CUDA memory pool's release threshold: {status:?}");
     }
 }
 

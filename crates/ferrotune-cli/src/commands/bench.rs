@@ -13,7 +13,7 @@ use ferrotune::infer::sampler::argmax;
 use ferrotune::io::checkpoint::parse_dtype;
 use ferrotune::model::{num_parameters, KvCache, LogitsAt};
 use ferrotune::train::config::{Objective, TrainConfig};
-use ferrotune::train::trainer::{time_steps_with_allreduce, Examples};
+use ferrotune::train::trainer::{time_steps_with_phases, Examples};
 use rand::{Rng, SeedableRng};
 
 #[derive(clap::Subcommand)]
@@ -171,7 +171,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let times =
-        time_steps_with_allreduce(&config, model.decoder, &examples, a.warmup, a.steps.max(1))?;
+        time_steps_with_phases(&config, model.decoder, &examples, a.warmup, a.steps.max(1))?;
     let sequences = if objective == Objective::Dpo {
         2 * a.batch_size
     } else {
@@ -181,14 +181,17 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     if !world.is_main() {
         return Ok(());
     }
-    let step = median(times.iter().map(|t| t.0).collect());
+    let step = median(times.iter().map(|t| t.seconds).collect());
     super::print_json(&serde_json::json!({
         "objective": a.objective,
         "tokens_per_s": (sequences * a.seq_len) as f64 / step,
         "step_seconds_median": step,
         "ranks": world.size(),
         "backend": world.comm().backend(),
-        "allreduce_seconds_median": median(times.iter().map(|t| t.1).collect()),
+        "allreduce_seconds_median": median(times.iter().map(|t| t.allreduce_seconds).collect()),
+        "forward_backward_seconds_median":
+            median(times.iter().map(|t| t.grads_ready_seconds).collect()),
+        "optimizer_seconds_median": median(times.iter().map(|t| t.optimizer_seconds()).collect()),
         "peak_rss_mb": peak_rss_mb(),
         "threads": threads(),
         "dtype": a.precision,

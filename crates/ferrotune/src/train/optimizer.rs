@@ -255,8 +255,11 @@ impl candle_core::InplaceOp3 for Apply {
     }
 }
 
-/// The global L2 norm of all gradients (f64 accumulation).
+/// The global L2 norm of all gradients (f64 accumulation of the per-tensor sums).
 pub fn global_grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    if grads.values().any(|g| !g.device().is_cpu()) {
+        return grad_norm_one_read(grads);
+    }
     let mut sum = 0f64;
     for g in grads.values() {
         sum += g
@@ -266,6 +269,20 @@ pub fn global_grad_norm(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
             .to_scalar::<f32>()? as f64;
     }
     Ok(sum.sqrt())
+}
+
+/// [`global_grad_norm`] with the per-tensor sums added on their device and read back once: on
+/// a GPU each read-back waits for the whole queue, so one for all tensors, not one per tensor.
+fn grad_norm_one_read(grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+    let sums = grads
+        .values()
+        .map(|g| g.to_dtype(DType::F32)?.sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
+    }
+    let total = Tensor::stack(&sums, 0)?.to_dtype(DType::F64)?.sum_all()?;
+    Ok(total.to_scalar::<f64>()?.sqrt())
 }
 
 /// Scales gradients so their global norm is at most `max_norm` (torch's clip_grad_norm_:
@@ -295,6 +312,24 @@ mod tests {
     /// Two steps of torch.optim.AdamW(lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
     /// on w = [1, −2] with gradients [0.5, −1] then [0.2, 0.4], computed by hand from the
     /// update rule in torch's documentation.
+    /// The GPU's one-read norm is the CPU's norm (run here on the CPU): same tensors, f64 sum
+    /// of f32 per-tensor sums.
+    #[test]
+    fn one_read_norm_matches_the_per_tensor_norm() {
+        let dev = Device::Cpu;
+        let grads = BTreeMap::from([
+            ("a".to_string(), Tensor::new(&[3.0f32, -4.0], &dev).unwrap()),
+            (
+                "b".to_string(),
+                Tensor::new(&[[1.0f32, 2.0], [-2.0, 0.5]], &dev).unwrap(),
+            ),
+        ]);
+        let expected = (9.0f64 + 16.0 + 1.0 + 4.0 + 4.0 + 0.25).sqrt();
+        assert_eq!(global_grad_norm(&grads).unwrap(), expected);
+        assert_eq!(grad_norm_one_read(&grads).unwrap(), expected);
+        assert_eq!(grad_norm_one_read(&BTreeMap::new()).unwrap(), 0.0);
+    }
+
     #[test]
     fn matches_torch_adamw_rule() {
         let dev = Device::Cpu;

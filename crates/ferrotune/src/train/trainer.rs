@@ -793,6 +793,10 @@ pub struct StepOutput {
     pub samples: usize,
     /// Seconds spent summing gradients and metrics across ranks (0 in a world of one).
     pub allreduce_seconds: f64,
+    /// Seconds from the start of the step until the gradient norm was read back: forward,
+    /// backward and the all-reduce (on a GPU the read waits for all of them); the clipping and
+    /// the optimizer update come after.
+    pub grads_ready_seconds: f64,
 }
 
 /// What one part of a micro-batch contributes to the step.
@@ -855,6 +859,7 @@ impl<'a> StepEngine<'a> {
         micro_batches: &[Vec<usize>],
         lr: f64,
     ) -> Result<StepOutput> {
+        let started = Instant::now();
         let genrm_counts = match examples {
             Examples::Genrm { .. } => examples.genrm_counts(micro_batches),
             _ => [0.0; 2],
@@ -924,6 +929,7 @@ impl<'a> StepEngine<'a> {
             allreduce_seconds = started.elapsed().as_secs_f64();
         }
         let grad_norm = global_grad_norm(&grads)?;
+        let grads_ready_seconds = started.elapsed().as_secs_f64();
         if !loss_value.is_finite() || !grad_norm.is_finite() {
             return Err(Error::invalid(format!(
                 "non-finite loss ({loss_value}) or gradient norm ({grad_norm}) at step {}",
@@ -945,6 +951,7 @@ impl<'a> StepEngine<'a> {
             tokens,
             samples,
             allreduce_seconds,
+            grads_ready_seconds,
         })
     }
 
@@ -1067,36 +1074,60 @@ pub fn time_steps(
     steps: usize,
 ) -> Result<Vec<f64>> {
     Ok(
-        time_steps_with_allreduce(config, decoder, examples, warmup, steps)?
+        time_steps_with_phases(config, decoder, examples, warmup, steps)?
             .into_iter()
-            .map(|(seconds, _)| seconds)
+            .map(|t| t.seconds)
             .collect(),
     )
 }
 
-/// As `time_steps`, with each step's seconds spent in the cross-rank all-reduce beside its
-/// total: `(step seconds, all-reduce seconds)`. Under a launcher every rank times its share of
-/// the same global batch.
-pub fn time_steps_with_allreduce(
+/// Where one timed step's seconds went.
+#[derive(Debug, Clone, Copy)]
+pub struct StepTiming {
+    /// The whole step, until the device has finished its last update.
+    pub seconds: f64,
+    /// The cross-rank all-reduce inside it.
+    pub allreduce_seconds: f64,
+    /// Forward, backward and all-reduce: until the gradients' norm was read back.
+    pub grads_ready_seconds: f64,
+}
+
+impl StepTiming {
+    /// Gradient clipping and the optimizer update.
+    pub fn optimizer_seconds(&self) -> f64 {
+        self.seconds - self.grads_ready_seconds
+    }
+}
+
+/// As `time_steps`, with each step's phases. Under a launcher every rank times its share of the
+/// same global batch. On a GPU the step's end waits for the queued update, so a step's seconds
+/// are its own, not partly the next one's.
+pub fn time_steps_with_phases(
     config: &TrainConfig,
     decoder: Decoder,
     examples: &Examples,
     warmup: usize,
     steps: usize,
-) -> Result<Vec<(f64, f64)>> {
+) -> Result<Vec<StepTiming>> {
     let device = decoder.device().clone();
     let dtype = parse_dtype(&config.precision)?;
     let reference = BTreeMap::from([("train", vec![(0f32, 0f32); examples.len()])]);
-    let runner = Runner::new(config, device, reference);
+    let runner = Runner::new(config, device.clone(), reference);
     let mut engine = StepEngine::new(runner, decoder, dtype)?;
     engine.optimizer.init_moments(&engine.vars)?;
     let batch: Vec<usize> = (0..config.batch_size.min(examples.len())).collect();
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {
+        device.synchronize()?;
         let started = Instant::now();
         let out = engine.step(examples, std::slice::from_ref(&batch), 1e-5)?;
+        device.synchronize()?;
         if i >= warmup {
-            times.push((started.elapsed().as_secs_f64(), out.allreduce_seconds));
+            times.push(StepTiming {
+                seconds: started.elapsed().as_secs_f64(),
+                allreduce_seconds: out.allreduce_seconds,
+                grads_ready_seconds: out.grads_ready_seconds,
+            });
         }
     }
     Ok(times)
