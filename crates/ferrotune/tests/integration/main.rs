@@ -3,6 +3,7 @@
 
 mod chat_templates;
 mod checkpoints;
+mod cuda_emulation;
 mod data;
 mod generation;
 mod gradients;

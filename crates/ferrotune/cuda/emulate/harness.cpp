@@ -1,0 +1,193 @@
+// Runs every kernel of cuda/train.cu under the CPU emulation (cuda_emulate.h) and compares it
+// with a double-precision reference written out from the formulas here. Rows are longer than
+// a block (so the strided loops wrap), one attention row is fully masked, and the bf16 kernels
+// read and write rounded values. Prints one line per check; exits 1 on the first failure.
+//
+// Built and run by tests/integration/cuda_emulation.rs:
+//   c++ -std=c++17 -O1 -pthread -I cuda/emulate -include cuda_emulate.h cuda/emulate/harness.cpp
+
+#include "../train.cu"
+
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+
+static std::mt19937 rng(7);
+
+static std::vector<float> uniform(size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> d(lo, hi);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// Storage of type T holding `v` (rounded for bf16), and its values read back as floats.
+template <typename T>
+struct Buf {
+  std::vector<T> data;
+  explicit Buf(const std::vector<float>& v) {
+    for (float x : v) data.push_back(from(x));
+  }
+  explicit Buf(size_t n) : data(n, from(0.0f)) {}
+  static T from(float x);
+  float at(size_t i) const;
+  size_t size() const { return data.size(); }
+};
+template <> float Buf<float>::from(float x) { return x; }
+template <> float Buf<float>::at(size_t i) const { return data[i]; }
+template <> __nv_bfloat16 Buf<__nv_bfloat16>::from(float x) { return __float2bfloat16(x); }
+template <> float Buf<__nv_bfloat16>::at(size_t i) const { return __bfloat162float(data[i]); }
+
+static void check(const char* what, double got, double want, double tol) {
+  if (!(fabs(got - want) <= tol)) {
+    printf("FAIL %s: got %.9g, want %.9g (tolerance %.3g)\n", what, got, want, tol);
+    exit(1);
+  }
+}
+
+template <typename T>
+static void softmax_case(const char* name, double rel) {
+  const int B = 2, H = 3, T_ = 4, S = 600;
+  const float scale = 0.125f;
+  auto scores = Buf<T>(uniform((size_t)B * H * T_ * S, -30.0f, 30.0f));
+  // Causal over the last T_ keys, batch row 1 with its first 7 keys padded, and in batch row 0
+  // query 2 sees nothing (uniform, as the composed softmax gives it with a finite mask).
+  std::vector<float> m((size_t)B * T_ * S);
+  for (int b = 0; b < B; ++b)
+    for (int t = 0; t < T_; ++t)
+      for (int j = 0; j < S; ++j) {
+        bool visible = j <= S - T_ + t && !(b == 1 && j < 7) && !(b == 0 && t == 2);
+        m[((size_t)b * T_ + t) * S + j] = visible ? 0.0f : -1e9f;
+      }
+  auto mask = Buf<T>(m);
+  Buf<T> probs((size_t)B * H * T_ * S);
+  emulate_launch(B * H * T_, SOFTMAX_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      masked_softmax_fwd_f32((const float*)scores.data.data(), (const float*)mask.data.data(),
+                             (float*)probs.data.data(), H, T_, S, scale);
+    else
+      masked_softmax_fwd_bf16((const __nv_bfloat16*)scores.data.data(),
+                              (const __nv_bfloat16*)mask.data.data(),
+                              (__nv_bfloat16*)probs.data.data(), H, T_, S, scale);
+  });
+  for (int row = 0; row < B * H * T_; ++row) {
+    int b = row / (H * T_), t = row % T_;
+    std::vector<double> z(S);
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j < S; ++j) {
+      // The masked score in f32, as the kernels and the CPU path form it: beside -1e9 a
+      // score's own value is lost, so a fully masked row comes out uniform.
+      z[j] = scores.at((size_t)row * S + j) * scale + mask.at(((size_t)b * T_ + t) * S + j);
+      mx = fmax(mx, z[j]);
+    }
+    for (int j = 0; j < S; ++j) sum += exp(z[j] - mx);
+    for (int j = 0; j < S; ++j) {
+      double want = exp(z[j] - mx) / sum;
+      check("masked_softmax_fwd", probs.at((size_t)row * S + j), want, rel * want + 1e-7);
+    }
+  }
+  printf("ok masked_softmax_fwd_%s\n", name);
+
+  auto p = Buf<T>(uniform((size_t)B * H * T_ * S, 0.0f, 0.01f));
+  auto g = Buf<T>(uniform((size_t)B * H * T_ * S, -1.0f, 1.0f));
+  Buf<T> ds((size_t)B * H * T_ * S);
+  emulate_launch(B * H * T_, SOFTMAX_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      masked_softmax_bwd_f32((const float*)p.data.data(), (const float*)g.data.data(),
+                             (float*)ds.data.data(), S, scale);
+    else
+      masked_softmax_bwd_bf16((const __nv_bfloat16*)p.data.data(),
+                              (const __nv_bfloat16*)g.data.data(),
+                              (__nv_bfloat16*)ds.data.data(), S, scale);
+  });
+  for (int row = 0; row < B * H * T_; ++row) {
+    double dot = 0;
+    for (int j = 0; j < S; ++j) dot += (double)p.at((size_t)row * S + j) * g.at((size_t)row * S + j);
+    for (int j = 0; j < S; ++j) {
+      size_t i = (size_t)row * S + j;
+      double want = scale * p.at(i) * (g.at(i) - dot);
+      check("masked_softmax_bwd", ds.at(i), want, rel * fabs(want) + 1e-7);
+    }
+  }
+  printf("ok masked_softmax_bwd_%s\n", name);
+}
+
+template <typename T>
+static void logprob_case(const char* name, double rel) {
+  const int N = 5, V = 3001;
+  auto logits = Buf<T>(uniform((size_t)N * V, -8.0f, 8.0f));
+  std::vector<uint32_t> targets = {0, 1, 1024, 2999, 3000};
+  std::vector<float> logp(N), lse(N);
+  emulate_launch(N, VOCAB_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      token_logprob_fwd_f32((const float*)logits.data.data(), targets.data(), logp.data(),
+                            lse.data(), V);
+    else
+      token_logprob_fwd_bf16((const __nv_bfloat16*)logits.data.data(), targets.data(),
+                             logp.data(), lse.data(), V);
+  });
+  std::vector<double> want_lse(N);
+  for (int r = 0; r < N; ++r) {
+    double mx = -INFINITY, sum = 0;
+    for (int j = 0; j < V; ++j) mx = fmax(mx, (double)logits.at((size_t)r * V + j));
+    for (int j = 0; j < V; ++j) sum += exp(logits.at((size_t)r * V + j) - mx);
+    want_lse[r] = mx + log(sum);
+    // f32 math over the same stored inputs: only the sum's rounding differs.
+    check("token_logprob_fwd lse", lse[r], want_lse[r], 1e-5 * fabs(want_lse[r]));
+    check("token_logprob_fwd logp", logp[r], logits.at((size_t)r * V + targets[r]) - want_lse[r],
+          1e-5 * fabs(want_lse[r]));
+  }
+  printf("ok token_logprob_fwd_%s\n", name);
+
+  std::vector<float> grad = {1.0f, -0.5f, 0.0f, 2.0f, 0.25f};
+  std::vector<float> lse_in(want_lse.begin(), want_lse.end());
+  Buf<T> dlogits((size_t)N * V);
+  emulate_launch(N, VOCAB_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      token_logprob_bwd_f32((const float*)logits.data.data(), targets.data(), lse_in.data(),
+                            grad.data(), (float*)dlogits.data.data(), V);
+    else
+      token_logprob_bwd_bf16((const __nv_bfloat16*)logits.data.data(), targets.data(),
+                             lse_in.data(), grad.data(), (__nv_bfloat16*)dlogits.data.data(), V);
+  });
+  for (int r = 0; r < N; ++r)
+    for (int j = 0; j < V; ++j) {
+      size_t i = (size_t)r * V + j;
+      double want = grad[r] * ((j == (int)targets[r] ? 1.0 : 0.0) - exp(logits.at(i) - (double)lse_in[r]));
+      check("token_logprob_bwd", dlogits.at(i), want, rel * fabs(want) + 1e-7);
+    }
+  printf("ok token_logprob_bwd_%s\n", name);
+}
+
+static void adamw_case() {
+  const long n = 5000;
+  auto g = uniform(n, -1.0f, 1.0f), m = uniform(n, -0.1f, 0.1f), v = uniform(n, 0.0f, 0.01f),
+       w = uniform(n, -1.0f, 1.0f);
+  auto m2 = m, v2 = v, w2 = w;
+  const float b1 = 0.9f, b2 = 0.999f, decay = 0.99f, step = 1e-3f, ib = 3.0f, eps = 1e-8f;
+  emulate_launch(3, 128, [&] { adamw_moment_f32(m2.data(), g.data(), n, b1, 1.0f - b1, 0); });
+  emulate_launch(3, 128, [&] { adamw_moment_f32(v2.data(), g.data(), n, b2, 1.0f - b2, 1); });
+  emulate_launch(3, 128, [&] {
+    adamw_apply_f32(w2.data(), m2.data(), v2.data(), n, decay, step, ib, eps);
+  });
+  for (long i = 0; i < n; ++i) {
+    // The kernels get 1 - beta already rounded to f32.
+    double mm = (double)m[i] * b1 + (double)g[i] * (double)(1.0f - b1);
+    double vv = (double)v[i] * b2 + (double)g[i] * g[i] * (double)(1.0f - b2);
+    double ww = (double)w[i] * decay - mm / (sqrt(vv) * ib + eps) * step;
+    // f32 rounding of each term (the terms can cancel).
+    check("adamw m", m2[i], mm, 1e-6 * (fabs(m[i] * b1) + fabs(g[i] * 0.1)));
+    check("adamw v", v2[i], vv, 1e-6 * (fabs(v[i] * b2) + g[i] * g[i] * 1e-3));
+    check("adamw w", w2[i], ww, 1e-6 * (fabs(w[i]) + fabs(mm / (sqrt(vv) * ib + eps) * step)));
+  }
+  printf("ok adamw_moment_f32 adamw_apply_f32\n");
+}
+
+int main() {
+  softmax_case<float>("f32", 1e-5);
+  softmax_case<__nv_bfloat16>("bf16", 1.0 / 128);
+  logprob_case<float>("f32", 1e-5);
+  logprob_case<__nv_bfloat16>("bf16", 1.0 / 128);
+  adamw_case();
+  return 0;
+}

@@ -1,0 +1,175 @@
+// ferrotune's CUDA kernels for training (built into PTX by build.rs with the `cuda` feature).
+//
+// What candle's CUDA backend runs as many composed kernels, each a pass over a large tensor,
+// done here in one or two passes per row:
+//   - the attention softmax `softmax(scale * scores + mask)` and its backward;
+//   - the next-token log-probability `logit[target] - logsumexp(logits)` of a row and its
+//     backward, so the [tokens, vocab] logits are never copied to f32 or log-softmaxed whole;
+//   - AdamW's moment and weight updates, in place.
+// Math is f32 whatever the storage type (f32 or bf16). Reductions go through shared memory and
+// __syncthreads only (no warp intrinsics), so the same source also runs on the CPU under
+// cuda/emulate/ (tests/integration/cuda_emulation.rs), where threads are threads and
+// __syncthreads is a barrier.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define SOFTMAX_BLOCK 256
+#define VOCAB_BLOCK 1024
+
+__device__ __forceinline__ float load(const float* p, long i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, long i) {
+  return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ void store(float* p, long i, float x) { p[i] = x; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, long i, float x) {
+  p[i] = __float2bfloat16(x);
+}
+
+// Sum of `v` over the block's N threads (N a power of two). Every thread gets the total; the
+// last barrier keeps `buf` from being overwritten by a next reduction before all have read it.
+template <int N>
+__device__ float block_sum(float v, float* buf) {
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = N / 2; s > 0; s >>= 1) {
+    if ((int)threadIdx.x < s) buf[threadIdx.x] += buf[threadIdx.x + s];
+    __syncthreads();
+  }
+  float total = buf[0];
+  __syncthreads();
+  return total;
+}
+
+template <int N>
+__device__ float block_max(float v, float* buf) {
+  buf[threadIdx.x] = v;
+  __syncthreads();
+  for (int s = N / 2; s > 0; s >>= 1) {
+    if ((int)threadIdx.x < s) buf[threadIdx.x] = fmaxf(buf[threadIdx.x], buf[threadIdx.x + s]);
+    __syncthreads();
+  }
+  float total = buf[0];
+  __syncthreads();
+  return total;
+}
+
+// One block per row of scores [B, H, T, S] (rows in b, h, t order); `mask` is [B, 1, T, S],
+// shared by the heads, in the scores' type. A fully masked row (finite mask) is uniform.
+template <typename T>
+__device__ void masked_softmax_fwd(const T* scores, const T* mask, T* probs, int heads,
+                                   int queries, int keys, float scale) {
+  __shared__ float buf[SOFTMAX_BLOCK];
+  const long row = blockIdx.x;
+  const long b = row / ((long)heads * queries);
+  const long t = row % queries;
+  const long x0 = row * keys;
+  const long m0 = (b * queries + t) * keys;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
+    mx = fmaxf(mx, load(scores, x0 + j) * scale + load(mask, m0 + j));
+  mx = block_max<SOFTMAX_BLOCK>(mx, buf);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
+    sum += expf(load(scores, x0 + j) * scale + load(mask, m0 + j) - mx);
+  sum = block_sum<SOFTMAX_BLOCK>(sum, buf);
+  const float inv = 1.0f / sum;
+  for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
+    store(probs, x0 + j, expf(load(scores, x0 + j) * scale + load(mask, m0 + j) - mx) * inv);
+}
+
+// d scores = scale * p * (g - sum_row(p * g)), one block per row.
+template <typename T>
+__device__ void masked_softmax_bwd(const T* probs, const T* grad, T* dscores, int keys,
+                                   float scale) {
+  __shared__ float buf[SOFTMAX_BLOCK];
+  const long x0 = (long)blockIdx.x * keys;
+  float dot = 0.0f;
+  for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
+    dot += load(probs, x0 + j) * load(grad, x0 + j);
+  dot = block_sum<SOFTMAX_BLOCK>(dot, buf);
+  for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
+    store(dscores, x0 + j, scale * load(probs, x0 + j) * (load(grad, x0 + j) - dot));
+}
+
+// One block per row of logits [N, V]: logp[row] = logits[row, target] - lse[row], with
+// lse = logsumexp of the row (kept for the backward). Targets are checked by the caller.
+template <typename T>
+__device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, float* logp,
+                                  float* lse, int vocab) {
+  __shared__ float buf[VOCAB_BLOCK];
+  const long row = blockIdx.x;
+  const long x0 = row * vocab;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) mx = fmaxf(mx, load(logits, x0 + j));
+  mx = block_max<VOCAB_BLOCK>(mx, buf);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) sum += expf(load(logits, x0 + j) - mx);
+  sum = block_sum<VOCAB_BLOCK>(sum, buf);
+  if (threadIdx.x == 0) {
+    const float l = mx + logf(sum);
+    lse[row] = l;
+    logp[row] = load(logits, x0 + targets[row]) - l;
+  }
+}
+
+// d logits[row, j] = grad[row] * ([j == target] - exp(logits[row, j] - lse[row])).
+template <typename T>
+__device__ void token_logprob_bwd(const T* logits, const uint32_t* targets, const float* lse,
+                                  const float* grad, T* dlogits, int vocab) {
+  const long row = blockIdx.x;
+  const long x0 = row * vocab;
+  const float g = grad[row];
+  const float l = lse[row];
+  const long target = targets[row];
+  for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) {
+    const float onehot = j == target ? 1.0f : 0.0f;
+    store(dlogits, x0 + j, g * (onehot - expf(load(logits, x0 + j) - l)));
+  }
+}
+
+#define ROW_KERNELS(NAME, T)                                                                \
+  extern "C" __global__ void masked_softmax_fwd_##NAME(const T* scores, const T* mask,      \
+                                                       T* probs, int heads, int queries,    \
+                                                       int keys, float scale) {             \
+    masked_softmax_fwd<T>(scores, mask, probs, heads, queries, keys, scale);               \
+  }                                                                                         \
+  extern "C" __global__ void masked_softmax_bwd_##NAME(const T* probs, const T* grad,       \
+                                                       T* dscores, int keys, float scale) { \
+    masked_softmax_bwd<T>(probs, grad, dscores, keys, scale);                               \
+  }                                                                                         \
+  extern "C" __global__ void token_logprob_fwd_##NAME(const T* logits,                      \
+                                                      const uint32_t* targets, float* logp, \
+                                                      float* lse, int vocab) {              \
+    token_logprob_fwd<T>(logits, targets, logp, lse, vocab);                                \
+  }                                                                                         \
+  extern "C" __global__ void token_logprob_bwd_##NAME(                                      \
+      const T* logits, const uint32_t* targets, const float* lse, const float* grad,        \
+      T* dlogits, int vocab) {                                                              \
+    token_logprob_bwd<T>(logits, targets, lse, grad, dlogits, vocab);                       \
+  }
+
+ROW_KERNELS(f32, float)
+ROW_KERNELS(bf16, __nv_bfloat16)
+
+// m <- beta * m + (1 - beta) * g (or g * g with `squared`), in place over n elements.
+extern "C" __global__ void adamw_moment_f32(float* m, const float* g, long n, float beta,
+                                            float one_minus_beta, int squared) {
+  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long)blockDim.x * gridDim.x) {
+    float gi = g[i];
+    if (squared) gi = gi * gi;
+    m[i] = m[i] * beta + gi * one_minus_beta;
+  }
+}
+
+// w <- w * decay - step * m / (sqrt(v) * inv_bias2_sqrt + epsilon), in place over n elements.
+extern "C" __global__ void adamw_apply_f32(float* w, const float* m, const float* v, long n,
+                                           float decay, float step, float inv_bias2_sqrt,
+                                           float epsilon) {
+  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (long)blockDim.x * gridDim.x) {
+    const float denom = sqrtf(v[i]) * inv_bias2_sqrt + epsilon;
+    w[i] = w[i] * decay - (m[i] / denom) * step;
+  }
+}
