@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Tensor};
 use ferrotune::data::{TokenizedPair, TokenizedSequence};
-use ferrotune::infer::sampler::argmax;
+use ferrotune::infer::sampler::argmax_rows;
 use ferrotune::io::checkpoint::parse_dtype;
 use ferrotune::model::{num_parameters, KvCache, LogitsAt};
 use ferrotune::train::config::{Objective, TrainConfig};
@@ -291,8 +291,8 @@ fn decode(a: DecodeArgs) -> anyhow::Result<()> {
         let prefill = started.elapsed().as_secs_f64();
         let started = Instant::now();
         for _ in 0..new_tokens {
-            let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-            let next: Vec<u32> = rows.iter().map(|r| argmax(r)).collect();
+            // As `generate` picks greedy tokens: on a GPU only the ids are read back.
+            let next = argmax_rows(&logits)?;
             let input = Tensor::from_vec(next, (a.batch_size, 1), &device)?;
             logits = decoder.forward_step(&input, None, &mut cache, LogitsAt::Last)?;
         }

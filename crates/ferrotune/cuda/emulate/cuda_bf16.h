@@ -1,4 +1,4 @@
-// CPU stand-in for CUDA's <cuda_bf16.h>, for cuda/train.cu under emulation: a bfloat16 is the
+// CPU stand-in for CUDA's <cuda_bf16.h>, for cuda/kernels.cu under emulation: a bfloat16 is the
 // top 16 bits of an f32, rounded to nearest even (as __float2bfloat16 rounds).
 #pragma once
 #include <cstdint>

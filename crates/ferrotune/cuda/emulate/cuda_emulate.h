@@ -1,4 +1,4 @@
-// Runs CUDA C kernels on the CPU, to test cuda/train.cu where there is no GPU: every thread of
+// Runs CUDA C kernels on the CPU, to test cuda/kernels.cu where there is no GPU: every thread of
 // a block is an OS thread, blocks run one after another, `__shared__` variables are statics
 // (one block at a time shares them), and __syncthreads is a barrier across the block. Enough
 // for kernels that use shared memory and __syncthreads only (no warp intrinsics, no atomics).

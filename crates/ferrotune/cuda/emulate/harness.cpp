@@ -1,4 +1,4 @@
-// Runs every kernel of cuda/train.cu under the CPU emulation (cuda_emulate.h) and compares it
+// Runs every kernel of cuda/kernels.cu under the CPU emulation (cuda_emulate.h) and compares it
 // with a double-precision reference written out from the formulas here. Rows are longer than
 // a block (so the strided loops wrap), one attention row is fully masked, and the bf16 kernels
 // read and write rounded values. Prints one line per check; exits 1 on the first failure.
@@ -6,7 +6,7 @@
 // Built and run by tests/integration/cuda_emulation.rs:
 //   c++ -std=c++17 -O1 -pthread -I cuda/emulate -include cuda_emulate.h cuda/emulate/harness.cpp
 
-#include "../train.cu"
+#include "../kernels.cu"
 
 #include <cstdio>
 #include <cstdlib>
@@ -117,15 +117,16 @@ static void logprob_case(const char* name, double rel) {
   const int N = 5, V = 3001;
   auto logits = Buf<T>(uniform((size_t)N * V, -8.0f, 8.0f));
   std::vector<uint32_t> targets = {0, 1, 1024, 2999, 3000};
-  std::vector<float> logp(N), lse(N);
+  std::vector<float> out(2 * N);
   emulate_launch(N, VOCAB_BLOCK, [&] {
     if (sizeof(T) == 4)
-      token_logprob_fwd_f32((const float*)logits.data.data(), targets.data(), logp.data(),
-                            lse.data(), V);
+      token_logprob_fwd_f32((const float*)logits.data.data(), targets.data(), out.data(), V);
     else
       token_logprob_fwd_bf16((const __nv_bfloat16*)logits.data.data(), targets.data(),
-                             logp.data(), lse.data(), V);
+                             out.data(), V);
   });
+  const float* logp = out.data();
+  const float* lse = out.data() + N;
   std::vector<double> want_lse(N);
   for (int r = 0; r < N; ++r) {
     double mx = -INFINITY, sum = 0;
@@ -139,16 +140,19 @@ static void logprob_case(const char* name, double rel) {
   }
   printf("ok token_logprob_fwd_%s\n", name);
 
-  std::vector<float> grad = {1.0f, -0.5f, 0.0f, 2.0f, 0.25f};
-  std::vector<float> lse_in(want_lse.begin(), want_lse.end());
+  // The backward's stats: the log-probs' gradients, then the forward's logsumexps.
+  std::vector<float> stats = {1.0f, -0.5f, 0.0f, 2.0f, 0.25f};
+  for (int r = 0; r < N; ++r) stats.push_back((float)want_lse[r]);
+  const float* grad = stats.data();
+  const float* lse_in = stats.data() + N;
   Buf<T> dlogits((size_t)N * V);
   emulate_launch(N, VOCAB_BLOCK, [&] {
     if (sizeof(T) == 4)
-      token_logprob_bwd_f32((const float*)logits.data.data(), targets.data(), lse_in.data(),
-                            grad.data(), (float*)dlogits.data.data(), V);
+      token_logprob_bwd_f32((const float*)logits.data.data(), targets.data(), stats.data(),
+                            (float*)dlogits.data.data(), V);
     else
       token_logprob_bwd_bf16((const __nv_bfloat16*)logits.data.data(), targets.data(),
-                             lse_in.data(), grad.data(), (__nv_bfloat16*)dlogits.data.data(), V);
+                             stats.data(), (__nv_bfloat16*)dlogits.data.data(), V);
   });
   for (int r = 0; r < N; ++r)
     for (int j = 0; j < V; ++j) {
@@ -157,6 +161,39 @@ static void logprob_case(const char* name, double rel) {
       check("token_logprob_bwd", dlogits.at(i), want, rel * fabs(want) + 1e-7);
     }
   printf("ok token_logprob_bwd_%s\n", name);
+}
+
+// First maximum per row: ties inside one thread's columns, across threads, a constant row, and
+// rows narrower than the block (most threads see no column).
+template <typename T>
+static void argmax_case(const char* name) {
+  for (int V : {3001, 10}) {
+    const int N = 4;
+    auto v = uniform((size_t)N * V, -1.0f, 1.0f);
+    std::vector<uint32_t> want(N);
+    if (V > 2000) {
+      v[0 * V + 2500] = 5.0f;  // unique
+      v[1 * V + 2000] = 5.0f, v[1 * V + 7] = 5.0f;  // threads 976 and 7
+      v[2 * V + 1030] = 5.0f, v[2 * V + 1029] = 5.0f, v[2 * V + 5] = 4.0f;  // threads 6 and 5
+      want = {2500, 7, 1029, 0};
+    } else {
+      v[0 * V + 9] = 5.0f;
+      v[1 * V + 3] = 5.0f, v[1 * V + 8] = 5.0f;
+      v[2 * V + 0] = 5.0f;
+      want = {9, 3, 0, 0};
+    }
+    for (int j = 0; j < V; ++j) v[3 * (size_t)V + j] = 0.5f;  // all equal
+    auto x = Buf<T>(v);
+    std::vector<uint32_t> out(N, 12345);
+    emulate_launch(N, VOCAB_BLOCK, [&] {
+      if (sizeof(T) == 4)
+        argmax_rows_f32((const float*)x.data.data(), out.data(), V);
+      else
+        argmax_rows_bf16((const __nv_bfloat16*)x.data.data(), out.data(), V);
+    });
+    for (int r = 0; r < N; ++r) check("argmax_rows", out[r], want[r], 0.0);
+  }
+  printf("ok argmax_rows_%s\n", name);
 }
 
 static void adamw_case() {
@@ -188,6 +225,8 @@ int main() {
   softmax_case<__nv_bfloat16>("bf16", 1.0 / 128);
   logprob_case<float>("f32", 1e-5);
   logprob_case<__nv_bfloat16>("bf16", 1.0 / 128);
+  argmax_case<float>("f32");
+  argmax_case<__nv_bfloat16>("bf16");
   adamw_case();
   return 0;
 }

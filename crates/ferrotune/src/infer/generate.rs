@@ -154,6 +154,13 @@ struct Row {
     capturing: Option<String>,
 }
 
+/// What a decoding step hands the sampler: every row's logits, or (greedy on a GPU) only the
+/// chosen ids.
+enum Next {
+    Logits(Vec<Vec<f32>>),
+    Ids(Vec<u32>),
+}
+
 fn generate_group(
     decoder: &Decoder,
     prompts: &[Prompt],
@@ -171,12 +178,22 @@ fn generate_group(
         ids.extend_from_slice(&p.ids);
         mask.push([vec![false; pad], vec![true; p.ids.len()]].concat());
     }
+    let params = &options.params;
+    // Greedy rows need only each row's argmax: on a GPU it is taken there, so the ids cross to
+    // the host instead of [rows, vocab] logits (the same first-maximum rule as `sample`).
+    let greedy_on_device =
+        device.is_cuda() && params.temperature <= 0.0 && options.capture_after_stop.is_none();
+    let read = |logits: Tensor| -> Result<Next> {
+        Ok(if greedy_on_device {
+            Next::Ids(super::sampler::argmax_rows(&logits)?)
+        } else {
+            Next::Logits(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
+        })
+    };
     let mut cache = KvCache::new(decoder.config(), prompts.len());
     let input = Tensor::from_vec(ids, (prompts.len(), width), &device)?;
-    let prompt_logits = decoder
-        .forward_step(&input, Some(&mask), &mut cache, LogitsAt::Last)?
-        .to_dtype(candle_core::DType::F32)?
-        .to_vec2::<f32>()?;
+    let prompt_next =
+        read(decoder.forward_step(&input, Some(&mask), &mut cache, LogitsAt::Last)?)?;
 
     // Fork each prompt's cache into its samples.
     let mut fork = Vec::new();
@@ -195,9 +212,11 @@ fn generate_group(
         }
     }
     let mut cache = cache.select_rows(&fork)?;
-    let mut logits: Vec<Vec<f32>> = fork.iter().map(|&i| prompt_logits[i].clone()).collect();
+    let mut next = match prompt_next {
+        Next::Logits(l) => Next::Logits(fork.iter().map(|&i| l[i].clone()).collect()),
+        Next::Ids(ids) => Next::Ids(fork.iter().map(|&i| ids[i]).collect()),
+    };
     let mut done: Vec<Completion> = Vec::new();
-    let params = &options.params;
     // Tokens enough to spell the longest stop string (a token is at least one byte), plus one.
     let stop_window = params
         .stop_strings
@@ -212,6 +231,11 @@ fn generate_group(
         let mut next_tokens = Vec::with_capacity(rows.len());
         for (r, row) in rows.iter_mut().enumerate() {
             if let Some(stop) = row.capturing.take() {
+                let Next::Logits(logits) = &next else {
+                    return Err(Error::invalid(
+                        "internal: a captured row without its logits",
+                    ));
+                };
                 let probs = super::sampler::probabilities(&logits[r], 1.0);
                 let ids = options.capture_after_stop.as_deref().unwrap_or(&[]);
                 done.push(Completion {
@@ -224,7 +248,10 @@ fn generate_group(
                 });
                 continue;
             }
-            let token = sample(&logits[r], params, &mut row.rng);
+            let token = match &next {
+                Next::Logits(logits) => sample(&logits[r], params, &mut row.rng),
+                Next::Ids(ids) => ids[r],
+            };
             row.ids.push(token);
             let mut finish = None;
             let mut stop_string = None;
@@ -291,10 +318,7 @@ fn generate_group(
             rows = kept_rows;
         }
         let input = Tensor::from_vec(next_tokens, (rows.len(), 1), &device)?;
-        logits = decoder
-            .forward_step(&input, None, &mut cache, LogitsAt::Last)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2::<f32>()?;
+        next = read(decoder.forward_step(&input, None, &mut cache, LogitsAt::Last)?)?;
     }
     done.sort_by_key(|c| (c.prompt, c.sample_index));
     Ok(done)

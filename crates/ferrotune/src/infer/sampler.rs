@@ -2,7 +2,10 @@
 //! host, with a per-sequence seeded generator so the same seed gives the same text whatever
 //! else shares the batch.
 
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use rand::{Rng, SeedableRng};
+
+use crate::error::{Error, Result};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -60,6 +63,60 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// [`argmax`] of every row of `logits` [N, V]. On a GPU the argmax runs there
+/// (cuda/kernels.cu, the same first-maximum rule) and only the N ids are read back, not the
+/// logits; elsewhere the rows are read back and picked on the host.
+pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
+    let (_, v) = logits.dims2()?;
+    if v == 0 {
+        return Err(Error::invalid("argmax over an empty vocabulary"));
+    }
+    if logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
+        let ids = logits
+            .contiguous()?
+            .apply_op1_no_bwd(&ArgmaxRows { cols: v })?;
+        return Ok(ids.to_vec1::<u32>()?);
+    }
+    let rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    Ok(rows.iter().map(|r| argmax(r)).collect())
+}
+
+/// The op behind [`argmax_rows`]: [N, V] → u32 [N].
+struct ArgmaxRows {
+    cols: usize,
+}
+
+impl CustomOp1 for ArgmaxRows {
+    fn name(&self) -> &'static str {
+        "argmax-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("argmax_rows: not contiguous".into()))?;
+        let rows: Vec<f32> = match s {
+            CpuStorage::F32(x) => x[start..end].to_vec(),
+            CpuStorage::BF16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
+            _ => return Err(candle_core::Error::Msg("argmax_rows: f32 or bf16".into())),
+        };
+        let ids: Vec<u32> = rows.chunks(self.cols).map(argmax).collect();
+        let n = ids.len();
+        Ok((CpuStorage::U32(ids), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let n = l.shape().elem_count() / self.cols;
+        let ids = crate::model::cuda_ops::argmax_rows((s, l), self.cols)?;
+        Ok((ids, Shape::from(n)))
+    }
 }
 
 /// Softmax probabilities of `logits / temperature`, in f64.
@@ -127,6 +184,30 @@ mod tests {
             sample(&[0.1, 3.0, 2.0], &SamplingParams::greedy(1), &mut rng),
             1
         );
+    }
+
+    /// The op's rows (run here by its CPU forward, the GPU's by cuda/kernels.cu) pick what the
+    /// host's argmax picks, ties included, from f32 and bf16 logits.
+    #[test]
+    fn argmax_rows_op_picks_the_first_maximum_of_every_row() {
+        use candle_core::Device;
+        let logits = Tensor::new(
+            &[
+                [0.1f32, 3.0, 3.0, -1.0],
+                [2.0, 2.0, 2.0, 2.0],
+                [-5.0, -4.0, -6.0, -4.5],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for dtype in [DType::F32, DType::BF16] {
+            let x = logits.to_dtype(dtype).unwrap();
+            let op = x.apply_op1_no_bwd(&ArgmaxRows { cols: 4 }).unwrap();
+            assert_eq!(op.to_vec1::<u32>().unwrap(), [1, 0, 1]);
+            assert_eq!(argmax_rows(&x).unwrap(), [1, 0, 1]);
+        }
+        let empty = Tensor::zeros((2, 0), DType::F32, &Device::Cpu).unwrap();
+        assert!(argmax_rows(&empty).is_err());
     }
 
     #[test]

@@ -6,19 +6,23 @@
 //! quarter of a training step. Here the forward is one pass per row and the backward one more,
 //! from the saved probabilities alone.
 //!
+//! On CUDA the same op runs cuda/kernels.cu's kernels (f32 or bf16 scores, f32 math), one block
+//! per row each way, through [`super::cuda_ops`].
+//!
 //! This is not the inference softmax: decoding keeps candle-nn's kernel (no gradient needed).
-//! Off the CPU or outside f32 it is [`ops::masked_softmax`], the composed reference it is
-//! tested against.
+//! Elsewhere (bf16 on the CPU, other devices) it is [`ops::masked_softmax`], the composed
+//! reference it is tested against.
 
 use std::mem::MaybeUninit;
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 use super::fast_exp::{self, EXP_UNDERFLOW};
-use super::fused::{assume_written, f32_slice, for_each_rows, new_written, with_f32};
+use super::fused::{assume_written, f32_slice, for_each_rows, new_written};
 use super::ops;
 use crate::error::{Error, Result};
 
+#[derive(Clone)]
 struct MaskedSoftmax {
     scale: f32,
     /// Query heads sharing one mask row (the mask is [B, 1, T, S]).
@@ -134,6 +138,19 @@ impl CustomOp2 for MaskedSoftmax {
         Ok((CpuStorage::F32(probs), l1.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = (self.heads, self.queries, self.keys);
+        let probs = super::cuda_ops::masked_softmax_fwd((s1, l1), (s2, l2), dims, self.scale)?;
+        Ok((probs, l1.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _scores: &Tensor,
@@ -142,9 +159,44 @@ impl CustomOp2 for MaskedSoftmax {
         grad_probs: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad_probs.contiguous()?;
-        let dx = with_f32(probs, |y| with_f32(&grad, |dy| Ok(self.backward(y, dy))))?;
-        let dx = Tensor::from_vec(dx, probs.shape(), probs.device())?;
+        let dx = probs
+            .contiguous()?
+            .apply_op2_no_bwd(&grad, &MaskedSoftmaxGrad(self.clone()))?;
         Ok((Some(dx), None))
+    }
+}
+
+/// The backward of [`MaskedSoftmax`] as an op of its own (probabilities, their gradient → the
+/// scores' gradient), so that it runs on the device the tensors are on.
+struct MaskedSoftmaxGrad(MaskedSoftmax);
+
+impl CustomOp2 for MaskedSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "masked-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dx = self.0.backward(f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (keys, scale) = (self.0.keys, self.0.scale);
+        let dx = super::cuda_ops::masked_softmax_bwd((s1, l1), (s2, l2), keys, scale)?;
+        Ok((dx, l1.shape().clone()))
     }
 }
 
@@ -156,9 +208,13 @@ impl CustomOp2 for MaskedSoftmax {
 /// ulp from the f32 path's values, which stay bit for bit those of `f32::exp`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, bf16: bool) -> Result<Tensor> {
     let on_cpu = scores.device().is_cpu() && mask.device().is_cpu();
-    if !on_cpu || scores.dtype() != DType::F32 || mask.dtype() != DType::F32 {
+    let f32_cpu = on_cpu && scores.dtype() == DType::F32 && mask.dtype() == DType::F32;
+    // cuda/kernels.cu's kernels: f32 or bf16 scores, the mask in the same type.
+    let cuda = scores.device().is_cuda() && matches!(scores.dtype(), DType::F32 | DType::BF16);
+    if !f32_cpu && !cuda {
         return ops::masked_softmax(scores, mask, scale);
     }
+    let mask = &mask.to_dtype(scores.dtype())?;
     let (b, h, t, s) = scores.dims4()?;
     if mask.dims() != [b, 1, t, s] {
         return Err(Error::invalid(format!(

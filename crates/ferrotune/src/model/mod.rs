@@ -5,6 +5,8 @@ pub mod bf16_gemm;
 pub mod bf16_linear;
 pub mod bf16_matmul;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_ops;
 pub mod decoder;
 pub mod fast_exp;
 pub mod fused;
@@ -21,6 +23,7 @@ pub mod params;
 pub mod rope;
 #[cfg(test)]
 pub(crate) mod test_tensors;
+pub mod token_logprob;
 
 pub use config::{Family, Head, ModelConfig, RopeScaling};
 pub use decoder::{Decoder, LogitsAt};

@@ -16,7 +16,18 @@ use crate::model::ops::log_softmax_last_dim;
 /// Log-probability of each token given the ones before it, aligned to the token:
 /// `out[b][i] = log p(input_ids[b][i] | input_ids[b][<i])` for i ≥ 1, and 0 at i = 0.
 /// `logits` [B, T, V] → [B, T] (f32).
+///
+/// On a GPU this is one op each way ([`crate::model::token_logprob`]); elsewhere the composed
+/// ops of [`token_logprobs_composed`].
 pub fn token_logprobs(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
+    if logits.device().is_cuda() {
+        return crate::model::token_logprob::token_logprobs(logits, input_ids);
+    }
+    token_logprobs_composed(logits, input_ids)
+}
+
+/// [`token_logprobs`] through composed ops: a log-softmax over the whole f32 logits and a gather.
+pub fn token_logprobs_composed(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
     let (b, t, _) = logits.dims3()?;
     let logp = log_softmax_last_dim(&logits.narrow(1, 0, t - 1)?.to_dtype(DType::F32)?)?;
     let next = input_ids.narrow(1, 1, t - 1)?.contiguous()?.unsqueeze(2)?;

@@ -151,18 +151,21 @@ impl AdamW {
     }
 }
 
-/// Whether the in-place CPU kernels can update this parameter: f32 contiguous tensors on the
-/// CPU, all of the weight's shape (the kernels walk the slices side by side, so a moment of the
+/// Whether the in-place kernels can update this parameter: f32 contiguous tensors on the CPU
+/// (or, with the `cuda` feature, on one GPU: cuda/kernels.cu's kernels), all of the weight's shape (the kernels walk the slices side by side, so a moment of the
 /// wrong shape, from a hand-mixed checkpoint, must reach the composed ops, which report it). The
 /// moments are this optimizer's own tensors; candle refuses an in-place op whose operands share
 /// storage, so an alias would be an error, never a wrong update.
 fn in_place(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
-    [var.as_tensor(), g, m, v].iter().all(|t| {
-        t.device().is_cpu()
-            && t.dtype() == DType::F32
-            && t.is_contiguous()
-            && t.shape() == var.shape()
-    })
+    let device = var.device();
+    let kernels = device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda());
+    kernels
+        && [var.as_tensor(), g, m, v].iter().all(|t| {
+            t.device().same_device(device)
+                && t.dtype() == DType::F32
+                && t.is_contiguous()
+                && t.shape() == var.shape()
+        })
 }
 
 /// Pieces the in-place passes split a tensor into for the thread pool (memory-bound: a few
@@ -216,6 +219,18 @@ impl candle_core::InplaceOp2 for Moment {
             });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        m: &mut candle_core::CudaStorage,
+        ml: &Layout,
+        g: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<()> {
+        let params = (self.beta, self.one_minus_beta, self.squared);
+        crate::model::cuda_ops::adamw_moment((m, ml), (g, gl), params)
+    }
 }
 
 /// `w ← w·decay − step · m / (√v · inv_bias2_sqrt + ε)`, in place, with
@@ -252,6 +267,20 @@ impl candle_core::InplaceOp3 for Apply {
                 }
             });
         Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        w: &mut candle_core::CudaStorage,
+        wl: &Layout,
+        m: &candle_core::CudaStorage,
+        ml: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<()> {
+        let params = [self.decay, self.step, self.inv_bias2_sqrt, self.epsilon];
+        crate::model::cuda_ops::adamw_apply((w, wl), (m, ml), (v, vl), params)
     }
 }
 

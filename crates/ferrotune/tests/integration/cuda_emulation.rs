@@ -1,4 +1,4 @@
-//! The CUDA kernels of `cuda/train.cu`, run on the CPU: `cuda/emulate/harness.cpp` compiles
+//! The CUDA kernels of `cuda/kernels.cu`, run on the CPU: `cuda/emulate/harness.cpp` compiles
 //! them as C++ under `cuda/emulate/cuda_emulate.h` (each CUDA thread an OS thread, blocks in
 //! turn, `__syncthreads` a barrier) and compares every kernel with a double-precision reference.
 //! This checks the kernels' arithmetic, indexing and block reductions where there is no GPU; the
@@ -40,6 +40,8 @@ fn cuda_kernels_match_the_reference_under_cpu_emulation() {
         "token_logprob_bwd_f32",
         "token_logprob_fwd_bf16",
         "token_logprob_bwd_bf16",
+        "argmax_rows_f32",
+        "argmax_rows_bf16",
         "adamw_moment_f32 adamw_apply_f32",
     ] {
         assert!(

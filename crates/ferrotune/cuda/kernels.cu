@@ -1,11 +1,13 @@
-// ferrotune's CUDA kernels for training (built into PTX by build.rs with the `cuda` feature).
+// ferrotune's CUDA kernels (built into PTX by build.rs with the `cuda` feature).
 //
 // What candle's CUDA backend runs as many composed kernels, each a pass over a large tensor,
 // done here in one or two passes per row:
 //   - the attention softmax `softmax(scale * scores + mask)` and its backward;
 //   - the next-token log-probability `logit[target] - logsumexp(logits)` of a row and its
 //     backward, so the [tokens, vocab] logits are never copied to f32 or log-softmaxed whole;
-//   - AdamW's moment and weight updates, in place.
+//   - AdamW's moment and weight updates, in place;
+//   - greedy decoding's argmax per row (the first maximum, as torch.argmax and the CPU pick
+//     it), so only the token ids cross to the host, not the [batch, vocab] logits.
 // Math is f32 whatever the storage type (f32 or bf16). Reductions go through shared memory and
 // __syncthreads only (no warp intrinsics), so the same source also runs on the CPU under
 // cuda/emulate/ (tests/integration/cuda_emulation.rs), where threads are threads and
@@ -92,11 +94,12 @@ __device__ void masked_softmax_bwd(const T* probs, const T* grad, T* dscores, in
     store(dscores, x0 + j, scale * load(probs, x0 + j) * (load(grad, x0 + j) - dot));
 }
 
-// One block per row of logits [N, V]: logp[row] = logits[row, target] - lse[row], with
-// lse = logsumexp of the row (kept for the backward). Targets are checked by the caller.
+// One block per row of logits [N, V] (N = the grid): out[row] = logits[row, target] - lse and
+// out[N + row] = lse, the row's logsumexp (kept for the backward). Targets are checked by the
+// caller.
 template <typename T>
-__device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, float* logp,
-                                  float* lse, int vocab) {
+__device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, float* out,
+                                  int vocab) {
   __shared__ float buf[VOCAB_BLOCK];
   const long row = blockIdx.x;
   const long x0 = row * vocab;
@@ -107,25 +110,64 @@ __device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, floa
   for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) sum += expf(load(logits, x0 + j) - mx);
   sum = block_sum<VOCAB_BLOCK>(sum, buf);
   if (threadIdx.x == 0) {
-    const float l = mx + logf(sum);
-    lse[row] = l;
-    logp[row] = load(logits, x0 + targets[row]) - l;
+    const float lse = mx + logf(sum);
+    out[row] = load(logits, x0 + targets[row]) - lse;
+    out[gridDim.x + row] = lse;
   }
 }
 
-// d logits[row, j] = grad[row] * ([j == target] - exp(logits[row, j] - lse[row])).
+// d logits[row, j] = g * ([j == target] - exp(logits[row, j] - lse)), with g = stats[row] (the
+// log-prob's gradient) and lse = stats[N + row] (the forward's), one block per row.
 template <typename T>
-__device__ void token_logprob_bwd(const T* logits, const uint32_t* targets, const float* lse,
-                                  const float* grad, T* dlogits, int vocab) {
+__device__ void token_logprob_bwd(const T* logits, const uint32_t* targets, const float* stats,
+                                  T* dlogits, int vocab) {
   const long row = blockIdx.x;
   const long x0 = row * vocab;
-  const float g = grad[row];
-  const float l = lse[row];
+  const float g = stats[row];
+  const float lse = stats[gridDim.x + row];
   const long target = targets[row];
   for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) {
     const float onehot = j == target ? 1.0f : 0.0f;
-    store(dlogits, x0 + j, g * (onehot - expf(load(logits, x0 + j) - l)));
+    store(dlogits, x0 + j, g * (onehot - expf(load(logits, x0 + j) - lse)));
   }
+}
+
+// The index of the row's largest value, the first one on ties, one block per row of x [N, V].
+// (A row with NaNs may pick differently from the CPU's argmax; no finite model gives one.)
+template <typename T>
+__device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
+  __shared__ float best_value[VOCAB_BLOCK];
+  __shared__ int best_index[VOCAB_BLOCK];
+  const long x0 = (long)blockIdx.x * cols;
+  // Each thread's first maximum over its strided columns (increasing, so strict > keeps the
+  // first); a thread with no column holds index `cols`, which loses every comparison.
+  float value = -INFINITY;
+  int index = cols;
+  for (int j = threadIdx.x; j < cols; j += VOCAB_BLOCK) {
+    const float v = load(x, x0 + j);
+    if (index == cols || v > value) {
+      value = v;
+      index = j;
+    }
+  }
+  best_value[threadIdx.x] = value;
+  best_index[threadIdx.x] = index;
+  __syncthreads();
+  for (int s = VOCAB_BLOCK / 2; s > 0; s >>= 1) {
+    if ((int)threadIdx.x < s) {
+      const float v = best_value[threadIdx.x + s];
+      const int i = best_index[threadIdx.x + s];
+      const int mine = best_index[threadIdx.x];
+      const bool larger = v > best_value[threadIdx.x];
+      const bool tie_before = v == best_value[threadIdx.x] && i < mine;
+      if (i < cols && (mine == cols || larger || tie_before)) {
+        best_value[threadIdx.x] = v;
+        best_index[threadIdx.x] = i;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[blockIdx.x] = best_index[0] < cols ? best_index[0] : 0;
 }
 
 #define ROW_KERNELS(NAME, T)                                                                \
@@ -138,15 +180,16 @@ __device__ void token_logprob_bwd(const T* logits, const uint32_t* targets, cons
                                                        T* dscores, int keys, float scale) { \
     masked_softmax_bwd<T>(probs, grad, dscores, keys, scale);                               \
   }                                                                                         \
-  extern "C" __global__ void token_logprob_fwd_##NAME(const T* logits,                      \
-                                                      const uint32_t* targets, float* logp, \
-                                                      float* lse, int vocab) {              \
-    token_logprob_fwd<T>(logits, targets, logp, lse, vocab);                                \
+  extern "C" __global__ void token_logprob_fwd_##NAME(                                      \
+      const T* logits, const uint32_t* targets, float* out, int vocab) {                    \
+    token_logprob_fwd<T>(logits, targets, out, vocab);                                      \
   }                                                                                         \
   extern "C" __global__ void token_logprob_bwd_##NAME(                                      \
-      const T* logits, const uint32_t* targets, const float* lse, const float* grad,        \
-      T* dlogits, int vocab) {                                                              \
-    token_logprob_bwd<T>(logits, targets, lse, grad, dlogits, vocab);                       \
+      const T* logits, const uint32_t* targets, const float* stats, T* dlogits, int vocab) { \
+    token_logprob_bwd<T>(logits, targets, stats, dlogits, vocab);                           \
+  }                                                                                         \
+  extern "C" __global__ void argmax_rows_##NAME(const T* x, uint32_t* out, int cols) {      \
+    argmax_rows<T>(x, out, cols);                                                           \
   }
 
 ROW_KERNELS(f32, float)
