@@ -2,9 +2,12 @@
 # The GPU check, in one call on the GPU machine (NVIDIA driver, CUDA 13, PyTorch + transformers,
 # no Rust, no internet), from the repository root, with target/gpu/ built by scripts/gpu/build.sh:
 #   1. CUDA logits against CPU logits on the fixture models (same binary, FERROTUNE_DEVICE);
+#   1b. CUDA training steps (SFT and DPO, f32 and bf16) against CPU ones: gradients, updates
+#      and ferrotune's own CUDA kernels (cuda/kernels.cu);
 #   2. the bf16 matmul peak that MFU is measured against;
 #   3. the SFT step of the Qwen2.5-0.5B shape at seq 2048, largest batch that fits, ferrotune and
-#      PyTorch + transformers on the same GPU, with tokens/s, MFU and the ratio;
+#      PyTorch + transformers on the same GPU, with tokens/s, MFU and the ratio (and ferrotune
+#      with candle's composed ops only, FERROTUNE_CUDA_KERNELS=0, for what the kernels gain);
 #   4. batched greedy decode at batch 32, ferrotune and HF `generate`.
 # Everything is printed and also written to ${OUT:-target/gpu-check}/gpu-check.json.
 set -uo pipefail
@@ -96,13 +99,24 @@ echo "== 3. SFT step, Qwen2.5-0.5B shape, seq $SEQ"
 MODEL=/tmp/ferrotune-qwen05
 [ -d $MODEL ] || $BIN init-model --config scripts/bench/configs/qwen05.json \
   --tokenizer tests/fixtures/tokenizer --out $MODEL --seed 0 --dtype f32 >/dev/null
-for b in ${FERROTUNE_BATCHES:-4 2 1}; do
+# If the CUDA training steps disagreed with the CPU above, time the composed ops instead
+# (FERROTUNE_CUDA_KERNELS=0) rather than a wrong kernel; the summary says which ran.
+if ! $PY -c 'import json,sys; sys.exit(0 if all(v["ok"] for v in json.load(open(sys.argv[1])).values()) else 1)' \
+    "$results/train-parity.json" 2>/dev/null; then
+  echo "training parity failed: benchmarking with FERROTUNE_CUDA_KERNELS=0"
+  export FERROTUNE_CUDA_KERNELS=0
+fi
+for b in ${FERROTUNE_BATCHES:-8 4 2 1}; do
   if timeout 150 $BIN bench train --model $MODEL --batch-size $b --seq-len $SEQ --steps 3 \
       --precision bf16 >"$results/ferrotune-train.json" 2>"$results/ferrotune-train.err"; then
     cat "$results/ferrotune-train.json"; break
   fi
   echo "ferrotune batch $b failed: $(tail -c 300 "$results/ferrotune-train.err")"
 done
+# The composed ops alone (candle's kernels only), at the batch the 2026-11-27 run fitted.
+[ "${FERROTUNE_CUDA_KERNELS:-1}" = 0 ] || FERROTUNE_CUDA_KERNELS=0 timeout 100 $BIN bench train \
+  --model $MODEL --batch-size 2 --seq-len $SEQ --steps 2 --precision bf16 \
+  >"$results/ferrotune-train-composed.json" 2>/dev/null && cat "$results/ferrotune-train-composed.json"
 timeout 200 $PY scripts/gpu/torch_gpu.py train --seq-len $SEQ --batches ${TORCH_BATCHES:-16,8,4,2} \
   | tee "$results/torch-train.json"
 
@@ -120,10 +134,12 @@ def load(name):
         return json.load(open(os.path.join(d, name)))
     except Exception as e:
         return {"error": str(e)}
-r = {k: load(k + ".json") for k in ["parity", "train-parity", "peak", "ferrotune-train", "torch-train",
+r = {k: load(k + ".json") for k in ["parity", "train-parity", "peak", "ferrotune-train",
+                                      "ferrotune-train-composed", "torch-train",
                                       "ferrotune-decode", "torch-decode"]}
 peak = r["peak"].get("bf16_matmul_tflops")
-for k in ["ferrotune-train", "torch-train"]:
+r["own_cuda_kernels"] = os.environ.get("FERROTUNE_CUDA_KERNELS", "1") != "0"
+for k in ["ferrotune-train", "ferrotune-train-composed", "torch-train"]:
     t = r[k]
     if "tokens_per_s" in t and peak:
         t["mfu"] = 6 * t["num_parameters"] * t["tokens_per_s"] / (peak * 1e12)
@@ -138,6 +154,9 @@ json.dump(r, open(sys.argv[2], "w"), indent=1)
 print(json.dumps({"device": r["peak"].get("device"), "peak_tflops": peak,
                   "ferrotune_train_tok_s": r["ferrotune-train"].get("tokens_per_s"),
                   "ferrotune_mfu": r["ferrotune-train"].get("mfu"),
+                  "ferrotune_batch": r["ferrotune-train"].get("batch_size"),
+                  "own_cuda_kernels": r["own_cuda_kernels"],
+                  "composed_train_tok_s": r["ferrotune-train-composed"].get("tokens_per_s"),
                   "torch_train_tok_s": r["torch-train"].get("tokens_per_s"),
                   "torch_mfu": r["torch-train"].get("mfu"), "train_ratio": r["train_ratio"],
                   "ferrotune_decode_tok_s": r["ferrotune-decode"].get("tokens_per_s"),

@@ -21,6 +21,19 @@ pub enum Choice {
     Cuda(usize),
 }
 
+/// The variable that turns ferrotune's own CUDA kernels (cuda/kernels.cu) off: `0` runs the
+/// composed candle ops in their place (a fallback, and the baseline the GPU check compares).
+pub const CUDA_KERNELS_VAR: &str = "FERROTUNE_CUDA_KERNELS";
+
+/// Whether work on `device` goes through ferrotune's own CUDA kernels: a GPU in a `cuda` build,
+/// unless `FERROTUNE_CUDA_KERNELS=0`.
+pub fn own_cuda_kernels(device: &Device) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && *ON.get_or_init(|| std::env::var(CUDA_KERNELS_VAR).map_or(true, |v| v.trim() != "0"))
+}
+
 /// The device named by `FERROTUNE_DEVICE`, or the local rank's GPU, or the CPU.
 pub fn select() -> Result<Device> {
     open(this_process(crate::dist::world().local_rank())?)

@@ -73,7 +73,9 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     if v == 0 {
         return Err(Error::invalid("argmax over an empty vocabulary"));
     }
-    if logits.device().is_cuda() && matches!(logits.dtype(), DType::F32 | DType::BF16) {
+    if crate::device::own_cuda_kernels(logits.device())
+        && matches!(logits.dtype(), DType::F32 | DType::BF16)
+    {
         let ids = logits
             .contiguous()?
             .apply_op1_no_bwd(&ArgmaxRows { cols: v })?;

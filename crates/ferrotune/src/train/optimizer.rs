@@ -158,7 +158,7 @@ impl AdamW {
 /// storage, so an alias would be an error, never a wrong update.
 fn in_place(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     let device = var.device();
-    let kernels = device.is_cpu() || (cfg!(feature = "cuda") && device.is_cuda());
+    let kernels = device.is_cpu() || crate::device::own_cuda_kernels(device);
     kernels
         && [var.as_tensor(), g, m, v].iter().all(|t| {
             t.device().same_device(device)
