@@ -13,7 +13,8 @@ fn main() {
 }
 
 /// `nvcc --ptx` of cuda/kernels.cu for `CUDA_COMPUTE_CAP` (as candle-kernels reads it; default
-/// 90, the H100), with nvcc from `CUDA_ROOT`/`CUDA_PATH` or the PATH.
+/// 90, the H100 and H200: PTX for 90 does not load on older cards, so set it for those), with
+/// nvcc from `CUDA_ROOT`/`CUDA_PATH` or the PATH.
 fn cuda_ptx() {
     use std::path::PathBuf;
     println!("cargo:rerun-if-changed=cuda/kernels.cu");
@@ -27,7 +28,8 @@ fn cuda_ptx() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("kernels.ptx");
     let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
+        // No fused multiply-adds: the AdamW update then rounds as the CPU's and candle's do.
+        .args(["--ptx", "-O3", "-std=c++17", "-fmad=false"])
         .arg(format!("-arch=sm_{cap}"))
         .arg("cuda/kernels.cu")
         .arg("-o")

@@ -6,6 +6,7 @@
 //   - the next-token log-probability `logit[target] - logsumexp(logits)` of a row and its
 //     backward, so the [tokens, vocab] logits are never copied to f32 or log-softmaxed whole;
 //   - AdamW's moment and weight updates, in place;
+//   - RMSNorm forward and backward (f32 statistics, as HF computes them, also for bf16);
 //   - greedy decoding's argmax per row (the first maximum, as torch.argmax and the CPU pick
 //     it), so only the token ids cross to the host, not the [batch, vocab] logits.
 // Math is f32 whatever the storage type (f32 or bf16). Reductions go through shared memory and
@@ -19,12 +20,12 @@
 #define SOFTMAX_BLOCK 256
 #define VOCAB_BLOCK 1024
 
-__device__ __forceinline__ float load(const float* p, long i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, long i) {
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
 }
-__device__ __forceinline__ void store(float* p, long i, float x) { p[i] = x; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, long i, float x) {
+__device__ __forceinline__ void store(float* p, int64_t i, float x) { p[i] = x; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float x) {
   p[i] = __float2bfloat16(x);
 }
 
@@ -62,11 +63,11 @@ template <typename T>
 __device__ void masked_softmax_fwd(const T* scores, const T* mask, T* probs, int heads,
                                    int queries, int keys, float scale) {
   __shared__ float buf[SOFTMAX_BLOCK];
-  const long row = blockIdx.x;
-  const long b = row / ((long)heads * queries);
-  const long t = row % queries;
-  const long x0 = row * keys;
-  const long m0 = (b * queries + t) * keys;
+  const int64_t row = blockIdx.x;
+  const int64_t b = row / ((int64_t)heads * queries);
+  const int64_t t = row % queries;
+  const int64_t x0 = row * keys;
+  const int64_t m0 = (b * queries + t) * keys;
   float mx = -INFINITY;
   for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
     mx = fmaxf(mx, load(scores, x0 + j) * scale + load(mask, m0 + j));
@@ -85,7 +86,7 @@ template <typename T>
 __device__ void masked_softmax_bwd(const T* probs, const T* grad, T* dscores, int keys,
                                    float scale) {
   __shared__ float buf[SOFTMAX_BLOCK];
-  const long x0 = (long)blockIdx.x * keys;
+  const int64_t x0 = (int64_t)blockIdx.x * keys;
   float dot = 0.0f;
   for (int j = threadIdx.x; j < keys; j += SOFTMAX_BLOCK)
     dot += load(probs, x0 + j) * load(grad, x0 + j);
@@ -101,8 +102,8 @@ template <typename T>
 __device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, float* out,
                                   int vocab) {
   __shared__ float buf[VOCAB_BLOCK];
-  const long row = blockIdx.x;
-  const long x0 = row * vocab;
+  const int64_t row = blockIdx.x;
+  const int64_t x0 = row * vocab;
   float mx = -INFINITY;
   for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) mx = fmaxf(mx, load(logits, x0 + j));
   mx = block_max<VOCAB_BLOCK>(mx, buf);
@@ -111,7 +112,10 @@ __device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, floa
   sum = block_sum<VOCAB_BLOCK>(sum, buf);
   if (threadIdx.x == 0) {
     const float lse = mx + logf(sum);
-    out[row] = load(logits, x0 + targets[row]) - lse;
+    // A target outside the vocabulary reads nothing: its log-prob is NaN, which the trainer
+    // reports as a non-finite loss (the decoder has checked the ids of its own inputs).
+    const uint32_t target = targets[row];
+    out[row] = target < (uint32_t)vocab ? load(logits, x0 + target) - lse : NAN;
     out[gridDim.x + row] = lse;
   }
 }
@@ -121,15 +125,78 @@ __device__ void token_logprob_fwd(const T* logits, const uint32_t* targets, floa
 template <typename T>
 __device__ void token_logprob_bwd(const T* logits, const uint32_t* targets, const float* stats,
                                   T* dlogits, int vocab) {
-  const long row = blockIdx.x;
-  const long x0 = row * vocab;
+  const int64_t row = blockIdx.x;
+  const int64_t x0 = row * vocab;
   const float g = stats[row];
   const float lse = stats[gridDim.x + row];
-  const long target = targets[row];
+  const int64_t target = targets[row];
   for (int j = threadIdx.x; j < vocab; j += VOCAB_BLOCK) {
     const float onehot = j == target ? 1.0f : 0.0f;
     store(dlogits, x0 + j, g * (onehot - expf(load(logits, x0 + j) - lse)));
   }
+}
+
+// RMSNorm as HF Llama/Qwen2 computes it (in f32 whatever the storage type):
+// y = x * rsqrt(mean(x^2) + eps) * w, one block per row of x [N, H].
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int hidden, float eps) {
+  __shared__ float buf[SOFTMAX_BLOCK];
+  const int64_t x0 = (int64_t)blockIdx.x * hidden;
+  float ss = 0.0f;
+  for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK) {
+    const float v = load(x, x0 + j);
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum<SOFTMAX_BLOCK>(ss, buf) / hidden + eps);
+  for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK)
+    store(y, x0 + j, load(x, x0 + j) * r * load(w, j));
+}
+
+// dx = r * (w * dy - x * r^2 * sum_j(w_j dy_j x_j) / H), one block per row.
+template <typename T>
+__device__ void rms_norm_bwd_x(const T* x, const T* w, const T* dy, T* dx, int hidden,
+                               float eps) {
+  __shared__ float buf[SOFTMAX_BLOCK];
+  const int64_t x0 = (int64_t)blockIdx.x * hidden;
+  float ss = 0.0f, dot = 0.0f;
+  for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK) {
+    const float v = load(x, x0 + j);
+    ss += v * v;
+    dot += load(w, j) * load(dy, x0 + j) * v;
+  }
+  const float r = rsqrtf(block_sum<SOFTMAX_BLOCK>(ss, buf) / hidden + eps);
+  dot = block_sum<SOFTMAX_BLOCK>(dot, buf);
+  const float c = r * r * dot / hidden;
+  for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK)
+    store(dx, x0 + j, r * (load(w, j) * load(dy, x0 + j) - load(x, x0 + j) * c));
+}
+
+// The weight's gradient sum_rows(dy * x * r) in parts: block b sums rows
+// [b * rows_per_block, (b + 1) * rows_per_block) into partial[b, :] (f32); the caller adds the
+// parts, in order, so the result does not depend on scheduling. hidden <= RMS_MAX_HIDDEN.
+#define RMS_MAX_HIDDEN 8192
+template <typename T>
+__device__ void rms_norm_bwd_w(const T* x, const T* dy, float* partial, int rows, int hidden,
+                               int rows_per_block, float eps) {
+  __shared__ float buf[SOFTMAX_BLOCK];
+  __shared__ float acc[RMS_MAX_HIDDEN];
+  for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK) acc[j] = 0.0f;
+  const int first = blockIdx.x * rows_per_block;
+  const int last = min(rows, first + rows_per_block);
+  for (int row = first; row < last; ++row) {
+    const int64_t x0 = (int64_t)row * hidden;
+    float ss = 0.0f;
+    for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK) {
+      const float v = load(x, x0 + j);
+      ss += v * v;
+    }
+    const float r = rsqrtf(block_sum<SOFTMAX_BLOCK>(ss, buf) / hidden + eps);
+    // Each thread owns columns j = threadIdx.x + k * SOFTMAX_BLOCK of acc: no sharing.
+    for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK)
+      acc[j] += load(dy, x0 + j) * load(x, x0 + j) * r;
+  }
+  for (int j = threadIdx.x; j < hidden; j += SOFTMAX_BLOCK)
+    partial[(int64_t)blockIdx.x * hidden + j] = acc[j];
 }
 
 // The index of the row's largest value, the first one on ties, one block per row of x [N, V].
@@ -138,7 +205,7 @@ template <typename T>
 __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
   __shared__ float best_value[VOCAB_BLOCK];
   __shared__ int best_index[VOCAB_BLOCK];
-  const long x0 = (long)blockIdx.x * cols;
+  const int64_t x0 = (int64_t)blockIdx.x * cols;
   // Each thread's first maximum over its strided columns (increasing, so strict > keeps the
   // first); a thread with no column holds index `cols`, which loses every comparison.
   float value = -INFINITY;
@@ -190,16 +257,29 @@ __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) argmax_rows_##NAME(const T* x, uint32_t* out, int cols) {      \
     argmax_rows<T>(x, out, cols);                                                           \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) rms_norm_fwd_##NAME(          \
+      const T* x, const T* w, T* y, int hidden, float eps) {                                \
+    rms_norm_fwd<T>(x, w, y, hidden, eps);                                                  \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) rms_norm_bwd_x_##NAME(        \
+      const T* x, const T* w, const T* dy, T* dx, int hidden, float eps) {                  \
+    rms_norm_bwd_x<T>(x, w, dy, dx, hidden, eps);                                           \
+  }                                                                                         \
+  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) rms_norm_bwd_w_##NAME(        \
+      const T* x, const T* dy, float* partial, int rows, int hidden, int rows_per_block,    \
+      float eps) {                                                                          \
+    rms_norm_bwd_w<T>(x, dy, partial, rows, hidden, rows_per_block, eps);                   \
   }
 
 ROW_KERNELS(f32, float)
 ROW_KERNELS(bf16, __nv_bfloat16)
 
 // m <- beta * m + (1 - beta) * g (or g * g with `squared`), in place over n elements.
-extern "C" __global__ void adamw_moment_f32(float* m, const float* g, long n, float beta,
+extern "C" __global__ void adamw_moment_f32(float* m, const float* g, int64_t n, float beta,
                                             float one_minus_beta, int squared) {
-  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long)blockDim.x * gridDim.x) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
     float gi = g[i];
     if (squared) gi = gi * gi;
     m[i] = m[i] * beta + gi * one_minus_beta;
@@ -207,11 +287,11 @@ extern "C" __global__ void adamw_moment_f32(float* m, const float* g, long n, fl
 }
 
 // w <- w * decay - step * m / (sqrt(v) * inv_bias2_sqrt + epsilon), in place over n elements.
-extern "C" __global__ void adamw_apply_f32(float* w, const float* m, const float* v, long n,
+extern "C" __global__ void adamw_apply_f32(float* w, const float* m, const float* v, int64_t n,
                                            float decay, float step, float inv_bias2_sqrt,
                                            float epsilon) {
-  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (long)blockDim.x * gridDim.x) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
     const float denom = sqrtf(v[i]) * inv_bias2_sqrt + epsilon;
     w[i] = w[i] * decay - (m[i] / denom) * step;
   }

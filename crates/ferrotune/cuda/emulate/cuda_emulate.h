@@ -6,6 +6,7 @@
 #include <math.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <thread>
@@ -28,6 +29,10 @@ inline dim3 gridDim;
 inline pthread_barrier_t emulate_barrier;
 
 inline void __syncthreads() { pthread_barrier_wait(&emulate_barrier); }
+
+// Device math the kernels use beyond <math.h>.
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+using std::min;
 
 // Runs `kernel` (a call of one kernel with its arguments bound) on a 1-D grid of 1-D blocks.
 inline void emulate_launch(unsigned blocks, unsigned threads, const std::function<void()>& kernel) {

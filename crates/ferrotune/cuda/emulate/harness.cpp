@@ -8,6 +8,7 @@
 
 #include "../kernels.cu"
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
@@ -138,6 +139,18 @@ static void logprob_case(const char* name, double rel) {
     check("token_logprob_fwd logp", logp[r], logits.at((size_t)r * V + targets[r]) - want_lse[r],
           1e-5 * fabs(want_lse[r]));
   }
+  // A target outside the vocabulary reads nothing and gives NaN.
+  std::vector<uint32_t> bad = {(uint32_t)V, 0, 0, 0, 0};
+  emulate_launch(N, VOCAB_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      token_logprob_fwd_f32((const float*)logits.data.data(), bad.data(), out.data(), V);
+    else
+      token_logprob_fwd_bf16((const __nv_bfloat16*)logits.data.data(), bad.data(), out.data(), V);
+  });
+  if (!std::isnan(out[0]) || std::isnan(out[1])) {
+    printf("FAIL token_logprob_fwd: out-of-vocabulary target gave %g\n", out[0]);
+    exit(1);
+  }
   printf("ok token_logprob_fwd_%s\n", name);
 
   // The backward's stats: the log-probs' gradients, then the forward's logsumexps.
@@ -196,6 +209,69 @@ static void argmax_case(const char* name) {
   printf("ok argmax_rows_%s\n", name);
 }
 
+template <typename T>
+static void rms_norm_case(const char* name, double rel) {
+  const int N = 70, H = 600, RPB = 16;
+  const float eps = 1e-6f;
+  auto x = Buf<T>(uniform((size_t)N * H, -2.0f, 2.0f));
+  auto w = Buf<T>(uniform(H, 0.5f, 1.5f));
+  auto dy = Buf<T>(uniform((size_t)N * H, -1.0f, 1.0f));
+  Buf<T> y((size_t)N * H), dx((size_t)N * H);
+  const int blocks = (N + RPB - 1) / RPB;
+  std::vector<float> partial((size_t)blocks * H, 12345.0f);
+  auto p = [](const Buf<T>& b) { return (const T*)b.data.data(); };
+  auto q = [](Buf<T>& b) { return (T*)b.data.data(); };
+  emulate_launch(N, SOFTMAX_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      rms_norm_fwd_f32((const float*)p(x), (const float*)p(w), (float*)q(y), H, eps);
+    else
+      rms_norm_fwd_bf16((const __nv_bfloat16*)p(x), (const __nv_bfloat16*)p(w),
+                        (__nv_bfloat16*)q(y), H, eps);
+  });
+  emulate_launch(N, SOFTMAX_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      rms_norm_bwd_x_f32((const float*)p(x), (const float*)p(w), (const float*)p(dy),
+                         (float*)q(dx), H, eps);
+    else
+      rms_norm_bwd_x_bf16((const __nv_bfloat16*)p(x), (const __nv_bfloat16*)p(w),
+                          (const __nv_bfloat16*)p(dy), (__nv_bfloat16*)q(dx), H, eps);
+  });
+  emulate_launch(blocks, SOFTMAX_BLOCK, [&] {
+    if (sizeof(T) == 4)
+      rms_norm_bwd_w_f32((const float*)p(x), (const float*)p(dy), partial.data(), N, H, RPB, eps);
+    else
+      rms_norm_bwd_w_bf16((const __nv_bfloat16*)p(x), (const __nv_bfloat16*)p(dy), partial.data(),
+                          N, H, RPB, eps);
+  });
+  std::vector<double> dw(H, 0.0);
+  for (int r = 0; r < N; ++r) {
+    double ss = 0, dot = 0;
+    for (int j = 0; j < H; ++j) {
+      size_t i = (size_t)r * H + j;
+      ss += (double)x.at(i) * x.at(i);
+      dot += (double)w.at(j) * dy.at(i) * x.at(i);
+    }
+    double rr = 1.0 / sqrt(ss / H + eps);
+    for (int j = 0; j < H; ++j) {
+      size_t i = (size_t)r * H + j;
+      double want_y = x.at(i) * rr * w.at(j);
+      check("rms_norm_fwd", y.at(i), want_y, rel * fabs(want_y) + 1e-6);
+      double want_dx = rr * (w.at(j) * dy.at(i) - x.at(i) * rr * rr * dot / H);
+      // dx cancels two terms: tolerance on their size.
+      check("rms_norm_bwd_x", dx.at(i), want_dx,
+            rel * rr * (fabs(w.at(j) * dy.at(i)) + fabs(x.at(i) * rr * rr * dot / H)) + 1e-6);
+      dw[j] += dy.at(i) * x.at(i) * rr;
+    }
+  }
+  for (int j = 0; j < H; ++j) {
+    double got = 0, size = 0;
+    for (int b = 0; b < blocks; ++b) got += partial[(size_t)b * H + j];
+    for (int r = 0; r < N; ++r) size += fabs(dy.at((size_t)r * H + j) * x.at((size_t)r * H + j));
+    check("rms_norm_bwd_w", got, dw[j], 1e-5 * size + 1e-6);
+  }
+  printf("ok rms_norm_%s\n", name);
+}
+
 static void adamw_case() {
   const long n = 5000;
   auto g = uniform(n, -1.0f, 1.0f), m = uniform(n, -0.1f, 0.1f), v = uniform(n, 0.0f, 0.01f),
@@ -225,6 +301,8 @@ int main() {
   softmax_case<__nv_bfloat16>("bf16", 1.0 / 128);
   logprob_case<float>("f32", 1e-5);
   logprob_case<__nv_bfloat16>("bf16", 1.0 / 128);
+  rms_norm_case<float>("f32", 1e-5);
+  rms_norm_case<__nv_bfloat16>("bf16", 1.0 / 128);
   argmax_case<float>("f32");
   argmax_case<__nv_bfloat16>("bf16");
   adamw_case();

@@ -96,14 +96,7 @@ impl CustomOp1 for ArgmaxRows {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (start, end) = l
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("argmax_rows: not contiguous".into()))?;
-        let rows: Vec<f32> = match s {
-            CpuStorage::F32(x) => x[start..end].to_vec(),
-            CpuStorage::BF16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
-            _ => return Err(candle_core::Error::Msg("argmax_rows: f32 or bf16".into())),
-        };
+        let rows = crate::model::fused::f32_values(s, l)?;
         let ids: Vec<u32> = rows.chunks(self.cols).map(argmax).collect();
         let n = ids.len();
         Ok((CpuStorage::U32(ids), Shape::from(n)))

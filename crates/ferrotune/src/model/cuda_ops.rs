@@ -1,7 +1,8 @@
 //! Launches of the CUDA kernels in `cuda/kernels.cu` (PTX built by build.rs): the CUDA forward
 //! passes of [`super::fused_softmax`]'s masked softmax and its backward, of
 //! [`super::token_logprob`]'s next-token log-probability and its backward, of the optimizer's
-//! in-place AdamW updates, and of greedy decoding's argmax (`infer::sampler::argmax_rows`).
+//! in-place AdamW updates, of [`super::rms_norm_gpu`]'s RMSNorm each way, and of greedy decoding's
+//! argmax (`infer::sampler::argmax_rows`).
 //!
 //! Every function takes contiguous storages (checked) and returns a fresh one; the kernels'
 //! arithmetic is tested on the CPU under emulation (tests/integration/cuda_emulation.rs), the
@@ -78,6 +79,12 @@ pub fn masked_softmax_fwd(
         scale: f32,
     ) -> Result<CudaStorage> {
         let n = sl.shape().elem_count();
+        if keys == 0 || n % keys != 0 || ml.shape().elem_count() * heads != n {
+            return Err(error(format!(
+                "masked_softmax: {n} scores, {} mask values, {heads} heads of {keys} keys",
+                ml.shape().elem_count()
+            )));
+        }
         let x = view::<T>(scores, sl, "masked_softmax scores")?;
         let m = view::<T>(mask, ml, "masked_softmax mask")?;
         // SAFETY: the kernel writes every element (one block per row, all keys of the row).
@@ -125,6 +132,12 @@ pub fn masked_softmax_bwd(
         scale: f32,
     ) -> Result<CudaStorage> {
         let n = pl.shape().elem_count();
+        if keys == 0 || n % keys != 0 || gl.shape().elem_count() != n {
+            return Err(error(format!(
+                "masked_softmax backward: {n} probabilities, {} gradients, rows of {keys}",
+                gl.shape().elem_count()
+            )));
+        }
         let p = view::<T>(probs, pl, "masked_softmax probs")?;
         let g = view::<T>(grad, gl, "masked_softmax gradient")?;
         // SAFETY: the kernel writes every element.
@@ -152,6 +165,17 @@ pub fn masked_softmax_bwd(
     }
 }
 
+/// Logits of `rows` rows of `vocab`, or an error (the kernels index by both).
+fn check_rows(logits: &Layout, vocab: usize, rows: usize) -> Result<()> {
+    if vocab == 0 || logits.shape().elem_count() != rows * vocab {
+        return Err(error(format!(
+            "token_logprob: {} logits are not {rows} rows of {vocab}",
+            logits.shape().elem_count()
+        )));
+    }
+    Ok(())
+}
+
 /// Per row of logits [N, V]: f32 [2, N] holding `logits[row, target] − logsumexp(row)`, then
 /// the logsumexp. Targets (u32 [N]) must be below V.
 pub fn token_logprob_fwd(
@@ -167,6 +191,7 @@ pub fn token_logprob_fwd(
         vocab: usize,
     ) -> Result<CudaStorage> {
         let rows = ll.shape().elem_count() / vocab.max(1);
+        check_rows(ll, vocab, tl.shape().elem_count())?;
         let x = view::<T>(logits, ll, "token_logprob logits")?;
         let t = view::<u32>(targets, tl, "token_logprob targets")?;
         // SAFETY: thread 0 of every row's block writes both of the row's outputs.
@@ -204,6 +229,13 @@ pub fn token_logprob_bwd(
         vocab: usize,
     ) -> Result<CudaStorage> {
         let n = ll.shape().elem_count();
+        let rows = tl.shape().elem_count();
+        check_rows(ll, vocab, rows)?;
+        if sl.shape().elem_count() != 2 * rows {
+            return Err(error(format!(
+                "token_logprob backward: stats for {rows} rows must be [2, {rows}]"
+            )));
+        }
         let x = view::<T>(logits, ll, "token_logprob logits")?;
         let t = view::<u32>(targets, tl, "token_logprob targets")?;
         let st = view::<f32>(stats, sl, "token_logprob stats")?;
@@ -251,6 +283,147 @@ pub fn argmax_rows((x, xl): (&CudaStorage, &Layout), cols: usize) -> Result<Cuda
     match x.dtype() {
         DType::BF16 => run::<bf16>(dev, func, (x, xl), cols),
         _ => run::<f32>(dev, func, (x, xl), cols),
+    }
+}
+
+/// RMSNorm forward: y = x · rsqrt(mean(x²) + eps) · w per row of `hidden` (x and w of one type).
+pub fn rms_norm_fwd(
+    (x, xl): (&CudaStorage, &Layout),
+    (w, wl): (&CudaStorage, &Layout),
+    hidden: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        func: &str,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        hidden: usize,
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        let n = xl.shape().elem_count();
+        if hidden == 0 || n % hidden != 0 || wl.shape().elem_count() != hidden {
+            return Err(error(format!(
+                "rms_norm: {n} values, weight of {}",
+                wl.shape().elem_count()
+            )));
+        }
+        let xv = view::<T>(x, xl, "rms_norm x")?;
+        let wv = view::<T>(w, wl, "rms_norm weight")?;
+        // SAFETY: every row's block writes all of the row.
+        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+        let h = int(hidden, "hidden size")?;
+        let func = dev.get_or_load_custom_func(func, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&wv).arg(&mut out).arg(&h).arg(&eps);
+        // SAFETY: argument types and order are those of rms_norm_fwd_* in kernels.cu.
+        unsafe { b.launch(launch_rows(n / hidden.max(1), SOFTMAX_BLOCK)?) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dev = x.device();
+    let func = &typed("rms_norm_fwd", x.dtype())?;
+    match x.dtype() {
+        DType::BF16 => run::<bf16>(dev, func, (x, xl), (w, wl), hidden, eps),
+        _ => run::<f32>(dev, func, (x, xl), (w, wl), hidden, eps),
+    }
+}
+
+/// RMSNorm's `x` gradient per row: r · (w ⊙ dy − x · r² · Σ w ⊙ dy ⊙ x / H).
+pub fn rms_norm_bwd_x(
+    (x, xl): (&CudaStorage, &Layout),
+    (w, wl): (&CudaStorage, &Layout),
+    (dy, dl): (&CudaStorage, &Layout),
+    hidden: usize,
+    eps: f32,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        func: &str,
+        (x, xl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+        (dy, dl): (&CudaStorage, &Layout),
+        (hidden, eps): (usize, f32),
+    ) -> Result<CudaStorage> {
+        let n = xl.shape().elem_count();
+        if dl.shape().elem_count() != n || wl.shape().elem_count() != hidden {
+            return Err(error(
+                "rms_norm backward: x, weight and gradient sizes differ".into(),
+            ));
+        }
+        let xv = view::<T>(x, xl, "rms_norm x")?;
+        let wv = view::<T>(w, wl, "rms_norm weight")?;
+        let gv = view::<T>(dy, dl, "rms_norm gradient")?;
+        // SAFETY: every row's block writes all of the row.
+        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+        let h = int(hidden, "hidden size")?;
+        let func = dev.get_or_load_custom_func(func, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&wv).arg(&gv).arg(&mut out).arg(&h).arg(&eps);
+        // SAFETY: argument types and order are those of rms_norm_bwd_x_* in kernels.cu.
+        unsafe { b.launch(launch_rows(n / hidden.max(1), SOFTMAX_BLOCK)?) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dev = x.device();
+    let func = &typed("rms_norm_bwd_x", x.dtype())?;
+    let args = ((x, xl), (w, wl), (dy, dl), (hidden, eps));
+    match x.dtype() {
+        DType::BF16 => run::<bf16>(dev, func, args.0, args.1, args.2, args.3),
+        _ => run::<f32>(dev, func, args.0, args.1, args.2, args.3),
+    }
+}
+
+/// RMSNorm's weight gradient in parts: f32 [ceil(rows / rows_per_block), hidden], part b the sum
+/// of dy ⊙ x · r over its rows. `hidden` at most RMS_MAX_HIDDEN (8192).
+pub fn rms_norm_bwd_w(
+    (x, xl): (&CudaStorage, &Layout),
+    (dy, dl): (&CudaStorage, &Layout),
+    (hidden, rows_per_block): (usize, usize),
+    eps: f32,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        func: &str,
+        (x, xl): (&CudaStorage, &Layout),
+        (dy, dl): (&CudaStorage, &Layout),
+        (hidden, rows_per_block): (usize, usize),
+        eps: f32,
+    ) -> Result<CudaStorage> {
+        if hidden > super::rms_norm_gpu::MAX_HIDDEN {
+            return Err(error(format!(
+                "rms_norm: hidden size {hidden} over the kernel's 8192"
+            )));
+        }
+        let rows = xl.shape().elem_count() / hidden.max(1);
+        if dl.shape().elem_count() != xl.shape().elem_count() {
+            return Err(error(
+                "rms_norm backward: x and gradient sizes differ".into(),
+            ));
+        }
+        let blocks = rows.div_ceil(rows_per_block.max(1));
+        let xv = view::<T>(x, xl, "rms_norm x")?;
+        let gv = view::<T>(dy, dl, "rms_norm gradient")?;
+        // SAFETY: every block writes all `hidden` columns of its part.
+        let mut out: CudaSlice<f32> = unsafe { dev.alloc::<f32>(blocks * hidden)? };
+        let (r, h) = (int(rows, "rows")?, int(hidden, "hidden size")?);
+        let per = int(rows_per_block, "rows per block")?;
+        let func = dev.get_or_load_custom_func(func, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv)
+            .arg(&gv)
+            .arg(&mut out)
+            .arg(&r)
+            .arg(&h)
+            .arg(&per)
+            .arg(&eps);
+        // SAFETY: argument types and order are those of rms_norm_bwd_w_* in kernels.cu.
+        unsafe { b.launch(launch_rows(blocks, SOFTMAX_BLOCK)?) }.w()?;
+        Ok(f32::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dev = x.device();
+    let func = &typed("rms_norm_bwd_w", x.dtype())?;
+    match x.dtype() {
+        DType::BF16 => run::<bf16>(dev, func, (x, xl), (dy, dl), (hidden, rows_per_block), eps),
+        _ => run::<f32>(dev, func, (x, xl), (dy, dl), (hidden, rows_per_block), eps),
     }
 }
 

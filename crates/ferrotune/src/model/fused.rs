@@ -50,6 +50,32 @@ pub(crate) fn f32_slice<'a>(
     Ok(&all[start..start + layout.shape().elem_count()])
 }
 
+/// The values of a contiguous f32 or bf16 CPU storage, as f32: the CPU forwards of the ops
+/// whose real kernels are CUDA ones (where bf16 storage is read into f32 math).
+pub(crate) fn f32_values(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<f32>> {
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| cpu_error("kernel input is not contiguous"))?;
+    match storage {
+        CpuStorage::F32(x) => Ok(x[start..end].to_vec()),
+        CpuStorage::BF16(x) => Ok(x[start..end].iter().map(|v| v.to_f32()).collect()),
+        other => Err(cpu_error(format!(
+            "kernel input must be f32 or bf16, not {:?}",
+            candle_core::backend::BackendStorage::dtype(other)
+        ))),
+    }
+}
+
+/// f32 results stored in `like`'s type (f32, or bf16 rounded to nearest).
+pub(crate) fn stored_like(like: &CpuStorage, values: Vec<f32>) -> CpuStorage {
+    match like {
+        CpuStorage::BF16(_) => {
+            CpuStorage::BF16(values.into_iter().map(half::bf16::from_f32).collect())
+        }
+        _ => CpuStorage::F32(values),
+    }
+}
+
 /// [`f32_slice`] for an in-place op's destination.
 pub(crate) fn f32_slice_mut<'a>(
     storage: &'a mut CpuStorage,
@@ -711,8 +737,12 @@ impl CustomOp2 for RmsNorm {
 }
 
 /// RMSNorm as in HF Llama/Qwen2 (`w * x / sqrt(mean(x²) + eps)`), differentiable in `x` and
-/// `w`: one fused kernel each way on the CPU in f32, the composed ops elsewhere.
+/// `w`: one fused kernel each way on the CPU in f32, cuda/kernels.cu's on a GPU
+/// ([`super::rms_norm_gpu`]), the composed ops elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::device::own_cuda_kernels(x.device()) && super::rms_norm_gpu::fits(x, weight) {
+        return super::rms_norm_gpu::rms_norm(x, weight, eps);
+    }
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         return ops::rms_norm(x, weight, eps);
     }

@@ -20,6 +20,7 @@ pub mod init;
 pub mod kv_cache;
 pub mod ops;
 pub mod params;
+pub mod rms_norm_gpu;
 pub mod rope;
 #[cfg(test)]
 pub(crate) mod test_tensors;

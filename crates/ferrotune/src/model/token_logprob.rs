@@ -14,7 +14,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-use super::fused::cpu_error;
+use super::fused::{cpu_error, f32_values, stored_like};
 use crate::error::{Error, Result};
 
 /// Log-probabilities of the next token at every position: `logits` [B, T, V] (f32 or bf16),
@@ -40,11 +40,16 @@ pub fn token_logprobs(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
         1,
     )?
     .flatten_all()?;
-    let max_id = next.max(0)?.to_scalar::<u32>()?;
-    if max_id as usize >= v {
-        return Err(Error::invalid(format!(
-            "token id {max_id} is outside the head's vocabulary of {v}"
-        )));
+    // On the CPU a bad id is an error here. On a GPU checking would wait for the queue on
+    // every call; there the kernel gives such a row a NaN log-prob (the trainer stops on it),
+    // and the decoder has already checked the ids it embedded.
+    if next.device().is_cpu() {
+        let max_id = next.max(0)?.to_scalar::<u32>()?;
+        if max_id as usize >= v {
+            return Err(Error::invalid(format!(
+                "token id {max_id} is outside the head's vocabulary of {v}"
+            )));
+        }
     }
     let rows = logits.reshape((b * t, v))?.contiguous()?;
     let out = rows.apply_op2(&next, TokenLogprob { vocab: v })?;
@@ -68,18 +73,6 @@ struct TokenLogprob {
 /// logsumexps) → d logits [N, V] in the logits' type.
 struct TokenLogprobGrad {
     vocab: usize,
-}
-
-/// The logits' values as f32, whichever of the two types they are stored in.
-fn cpu_logits(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
-    let (start, end) = l
-        .contiguous_offsets()
-        .ok_or_else(|| cpu_error("token_logprob: logits must be contiguous"))?;
-    match s {
-        CpuStorage::F32(x) => Ok(x[start..end].to_vec()),
-        CpuStorage::BF16(x) => Ok(x[start..end].iter().map(|v| v.to_f32()).collect()),
-        _ => Err(cpu_error("token_logprob: logits must be f32 or bf16")),
-    }
 }
 
 fn cpu_u32<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [u32]> {
@@ -108,7 +101,7 @@ impl CustomOp2 for TokenLogprob {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_logits(s1, l1)?;
+        let x = f32_values(s1, l1)?;
         let targets = cpu_u32(s2, l2)?;
         let n = targets.len();
         let mut out = vec![0f32; 2 * n];
@@ -116,7 +109,7 @@ impl CustomOp2 for TokenLogprob {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
             let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
             let lse = max + sum.ln();
-            out[r] = row[targets[r] as usize] - lse;
+            out[r] = row.get(targets[r] as usize).map_or(f32::NAN, |x| x - lse);
             out[n + r] = lse;
         }
         Ok((CpuStorage::F32(out), Shape::from((2, n))))
@@ -164,7 +157,7 @@ impl CustomOp3 for TokenLogprobGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = cpu_logits(s1, l1)?;
+        let x = f32_values(s1, l1)?;
         let targets = cpu_u32(s2, l2)?;
         let stats = cpu_f32(s3, l3)?;
         let n = targets.len();
@@ -180,13 +173,7 @@ impl CustomOp3 for TokenLogprobGrad {
                 *d = g * (onehot - (v - lse).exp());
             }
         }
-        let dx = match s1 {
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(dx.iter().map(|&v| half::bf16::from_f32(v)).collect())
-            }
-            _ => CpuStorage::F32(dx),
-        };
-        Ok((dx, l1.shape().clone()))
+        Ok((stored_like(s1, dx), l1.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
