@@ -7,6 +7,7 @@
 //     backward, so the [tokens, vocab] logits are never copied to f32 or log-softmaxed whole;
 //   - AdamW's moment and weight updates, in place;
 //   - RMSNorm forward and backward (f32 statistics, as HF computes them, also for bf16);
+//   - SwiGLU and the rotary embedding, forward and backward, elementwise;
 //   - greedy decoding's argmax per row (the first maximum, as torch.argmax and the CPU pick
 //     it), so only the token ids cross to the host, not the [batch, vocab] logits.
 // Math is f32 whatever the storage type (f32 or bf16). Reductions go through shared memory and
@@ -199,6 +200,64 @@ __device__ void rms_norm_bwd_w(const T* x, const T* dy, float* partial, int rows
     partial[(int64_t)blockIdx.x * hidden + j] = acc[j];
 }
 
+// SwiGLU, out = silu(gate) * up, elementwise over n (grid-stride).
+template <typename T>
+__device__ void swiglu_fwd(const T* gate, const T* up, T* out, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const float g = load(gate, i);
+    const float s = 1.0f / (1.0f + expf(-g));
+    store(out, i, g * s * load(up, i));
+  }
+}
+
+// Its backward into one buffer of 2n: d gate = dy * up * s * (1 + g * (1 - s)) at [0, n), and
+// d up = dy * silu(g) at [n, 2n), with s = sigmoid(g) recomputed.
+template <typename T>
+__device__ void swiglu_bwd(const T* gate, const T* up, const T* dy, T* grads, int64_t n) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const float g = load(gate, i);
+    const float d = load(dy, i);
+    const float s = 1.0f / (1.0f + expf(-g));
+    store(grads, i, d * load(up, i) * s * (1.0f + g * (1.0f - s)));
+    store(grads, n + i, d * g * s);
+  }
+}
+
+// Rotary embedding, y = x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1],
+// over x [B, H, T, D] (contiguous) and tables cos, sin [B, 1, T, D], elementwise.
+template <typename T>
+__device__ void rope_fwd(const T* x, const T* cos, const T* sin, T* y, int heads, int positions,
+                         int dim, int64_t n) {
+  const int half = dim / 2;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const int d = i % dim;
+    const int64_t row = i / dim;
+    const int64_t c = (row / ((int64_t)heads * positions) * positions + row % positions) * dim + d;
+    const float rot = d < half ? -load(x, i + half) : load(x, i - half);
+    store(y, i, load(x, i) * load(cos, c) + rot * load(sin, c));
+  }
+}
+
+// Its backward: dx = dy * cos + rotate_half^T(dy * sin), where rotate_half^T([a1, a2]) =
+// [a2, -a1].
+template <typename T>
+__device__ void rope_bwd(const T* dy, const T* cos, const T* sin, T* dx, int heads,
+                         int positions, int dim, int64_t n) {
+  const int half = dim / 2;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const int d = i % dim;
+    const int64_t row = i / dim;
+    const int64_t c = (row / ((int64_t)heads * positions) * positions + row % positions) * dim + d;
+    const float rot = d < half ? load(dy, i + half) * load(sin, c + half)
+                               : -load(dy, i - half) * load(sin, c - half);
+    store(dx, i, load(dy, i) * load(cos, c) + rot);
+  }
+}
+
 // The index of the row's largest value, the first one on ties, one block per row of x [N, V].
 // (A row with NaNs may pick differently from the CPU's argmax; no finite model gives one.)
 template <typename T>
@@ -257,6 +316,23 @@ __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) argmax_rows_##NAME(const T* x, uint32_t* out, int cols) {      \
     argmax_rows<T>(x, out, cols);                                                           \
+  }                                                                                         \
+  extern "C" __global__ void swiglu_fwd_##NAME(const T* gate, const T* up, T* out,         \
+                                               int64_t n) {                                 \
+    swiglu_fwd<T>(gate, up, out, n);                                                        \
+  }                                                                                         \
+  extern "C" __global__ void swiglu_bwd_##NAME(const T* gate, const T* up, const T* dy,     \
+                                               T* grads, int64_t n) {                       \
+    swiglu_bwd<T>(gate, up, dy, grads, n);                                                  \
+  }                                                                                         \
+  extern "C" __global__ void rope_fwd_##NAME(const T* x, const T* cos, const T* sin, T* y,  \
+                                             int heads, int positions, int dim, int64_t n) { \
+    rope_fwd<T>(x, cos, sin, y, heads, positions, dim, n);                                  \
+  }                                                                                         \
+  extern "C" __global__ void rope_bwd_##NAME(const T* dy, const T* cos, const T* sin,       \
+                                             T* dx, int heads, int positions, int dim,      \
+                                             int64_t n) {                                   \
+    rope_bwd<T>(dy, cos, sin, dx, heads, positions, dim, n);                                \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) rms_norm_fwd_##NAME(          \
       const T* x, const T* w, T* y, int hidden, float eps) {                                \

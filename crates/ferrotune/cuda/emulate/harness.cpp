@@ -272,6 +272,72 @@ static void rms_norm_case(const char* name, double rel) {
   printf("ok rms_norm_%s\n", name);
 }
 
+template <typename T>
+static void swiglu_rope_case(const char* name, double rel) {
+  auto p = [](const Buf<T>& b) { return (const T*)b.data.data(); };
+  auto q = [](Buf<T>& b) { return (T*)b.data.data(); };
+  const bool f32 = sizeof(T) == 4;
+  {
+    const int64_t n = 3000;
+    auto g = Buf<T>(uniform(n, -12.0f, 12.0f)), u = Buf<T>(uniform(n, -2.0f, 2.0f)),
+         dy = Buf<T>(uniform(n, -1.0f, 1.0f));
+    Buf<T> y(n), grads(2 * n);
+    emulate_launch(3, 256, [&] {
+      if (f32) swiglu_fwd_f32((const float*)p(g), (const float*)p(u), (float*)q(y), n);
+      else swiglu_fwd_bf16((const __nv_bfloat16*)p(g), (const __nv_bfloat16*)p(u), (__nv_bfloat16*)q(y), n);
+    });
+    emulate_launch(3, 256, [&] {
+      if (f32) swiglu_bwd_f32((const float*)p(g), (const float*)p(u), (const float*)p(dy), (float*)q(grads), n);
+      else swiglu_bwd_bf16((const __nv_bfloat16*)p(g), (const __nv_bfloat16*)p(u), (const __nv_bfloat16*)p(dy), (__nv_bfloat16*)q(grads), n);
+    });
+    for (int64_t i = 0; i < n; ++i) {
+      double gg = g.at(i), s = 1.0 / (1.0 + exp(-gg));
+      double want = gg * s * u.at(i);
+      check("swiglu_fwd", y.at(i), want, rel * fabs(want) + 1e-6);
+      double dg = dy.at(i) * u.at(i) * (s + gg * s * (1 - s));
+      check("swiglu_bwd gate", grads.at(i), dg, rel * fabs(dg) + 1e-5);
+      double du = dy.at(i) * gg * s;
+      check("swiglu_bwd up", grads.at(n + i), du, rel * fabs(du) + 1e-6);
+    }
+  }
+  {
+    const int B = 2, H = 3, T_ = 5, D = 8;
+    const int64_t n = (int64_t)B * H * T_ * D;
+    auto x = Buf<T>(uniform(n, -2.0f, 2.0f)), dy = Buf<T>(uniform(n, -1.0f, 1.0f));
+    auto angles = uniform((size_t)B * T_ * D, -3.0f, 3.0f);
+    std::vector<float> cv, sv;
+    for (float a : angles) cv.push_back(cosf(a)), sv.push_back(sinf(a));
+    auto c = Buf<T>(cv), sn = Buf<T>(sv);
+    Buf<T> y(n), dx(n);
+    emulate_launch(2, 64, [&] {
+      if (f32) rope_fwd_f32((const float*)p(x), (const float*)p(c), (const float*)p(sn), (float*)q(y), H, T_, D, n);
+      else rope_fwd_bf16((const __nv_bfloat16*)p(x), (const __nv_bfloat16*)p(c), (const __nv_bfloat16*)p(sn), (__nv_bfloat16*)q(y), H, T_, D, n);
+    });
+    emulate_launch(2, 64, [&] {
+      if (f32) rope_bwd_f32((const float*)p(dy), (const float*)p(c), (const float*)p(sn), (float*)q(dx), H, T_, D, n);
+      else rope_bwd_bf16((const __nv_bfloat16*)p(dy), (const __nv_bfloat16*)p(c), (const __nv_bfloat16*)p(sn), (__nv_bfloat16*)q(dx), H, T_, D, n);
+    });
+    // The backward is the transpose of the forward's linear map: check <dy, J x> = <J^T dy, x>
+    // per (b, h, t) row, and the forward element by element.
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h)
+        for (int t = 0; t < T_; ++t) {
+          int64_t r0 = (((int64_t)b * H + h) * T_ + t) * D, c0 = ((int64_t)b * T_ + t) * D;
+          double lhs = 0, rhs = 0, size = 0;
+          for (int d = 0; d < D; ++d) {
+            double rot = d < D / 2 ? -x.at(r0 + d + D / 2) : x.at(r0 + d - D / 2);
+            double want = x.at(r0 + d) * c.at(c0 + d) + rot * sn.at(c0 + d);
+            check("rope_fwd", y.at(r0 + d), want, rel * (fabs(x.at(r0 + d)) + fabs(rot)) + 1e-6);
+            lhs += (double)dy.at(r0 + d) * want;
+            rhs += (double)dx.at(r0 + d) * x.at(r0 + d);
+            size += fabs(dy.at(r0 + d)) * (fabs(x.at(r0 + d)) + fabs(rot));
+          }
+          check("rope_bwd (adjoint)", rhs, lhs, 4 * rel * size + 1e-5);
+        }
+  }
+  printf("ok swiglu_rope_%s\n", name);
+}
+
 static void adamw_case() {
   const long n = 5000;
   auto g = uniform(n, -1.0f, 1.0f), m = uniform(n, -0.1f, 0.1f), v = uniform(n, 0.0f, 0.01f),
@@ -303,6 +369,8 @@ int main() {
   logprob_case<__nv_bfloat16>("bf16", 1.0 / 128);
   rms_norm_case<float>("f32", 1e-5);
   rms_norm_case<__nv_bfloat16>("bf16", 1.0 / 128);
+  swiglu_rope_case<float>("f32", 1e-5);
+  swiglu_rope_case<__nv_bfloat16>("bf16", 1.0 / 128);
   argmax_case<float>("f32");
   argmax_case<__nv_bfloat16>("bf16");
   adamw_case();

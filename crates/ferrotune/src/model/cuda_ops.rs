@@ -1,8 +1,9 @@
 //! Launches of the CUDA kernels in `cuda/kernels.cu` (PTX built by build.rs): the CUDA forward
 //! passes of [`super::fused_softmax`]'s masked softmax and its backward, of
 //! [`super::token_logprob`]'s next-token log-probability and its backward, of the optimizer's
-//! in-place AdamW updates, of [`super::rms_norm_gpu`]'s RMSNorm each way, and of greedy decoding's
-//! argmax (`infer::sampler::argmax_rows`).
+//! in-place AdamW updates, of [`super::rms_norm_gpu`]'s RMSNorm and [`super::elementwise_gpu`]'s
+//! SwiGLU and rotary embedding each way, and of greedy decoding's argmax
+//! (`infer::sampler::argmax_rows`).
 //!
 //! Every function takes contiguous storages (checked) and returns a fresh one; the kernels'
 //! arithmetic is tested on the CPU under emulation (tests/integration/cuda_emulation.rs), the
@@ -424,6 +425,111 @@ pub fn rms_norm_bwd_w(
     match x.dtype() {
         DType::BF16 => run::<bf16>(dev, func, (x, xl), (dy, dl), (hidden, rows_per_block), eps),
         _ => run::<f32>(dev, func, (x, xl), (dy, dl), (hidden, rows_per_block), eps),
+    }
+}
+
+/// SwiGLU forward `silu(gate) ⊙ up` (`backward` false: one output of n) or its backward (`dy`
+/// given: d gate then d up in one output of 2n), elementwise, all of one type.
+pub fn swiglu(
+    (gate, gl): (&CudaStorage, &Layout),
+    (up, ul): (&CudaStorage, &Layout),
+    dy: Option<(&CudaStorage, &Layout)>,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        func: &str,
+        (gate, gl): (&CudaStorage, &Layout),
+        (up, ul): (&CudaStorage, &Layout),
+        dy: Option<(&CudaStorage, &Layout)>,
+    ) -> Result<CudaStorage> {
+        let n = gl.shape().elem_count();
+        let same =
+            ul.shape().elem_count() == n && dy.is_none_or(|(_, dl)| dl.shape().elem_count() == n);
+        if !same {
+            return Err(error("swiglu: gate, up and gradient sizes differ".into()));
+        }
+        let g = view::<T>(gate, gl, "swiglu gate")?;
+        let u = view::<T>(up, ul, "swiglu up")?;
+        let d = dy
+            .map(|(s, l)| view::<T>(s, l, "swiglu gradient"))
+            .transpose()?;
+        let outputs = if d.is_some() { 2 * n } else { n };
+        // SAFETY: the grid-stride loop writes every element (both halves backward).
+        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(outputs)? };
+        let len = n as i64;
+        let func = dev.get_or_load_custom_func(func, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&g).arg(&u);
+        if let Some(d) = &d {
+            b.arg(d);
+        }
+        b.arg(&mut out).arg(&len);
+        // SAFETY: argument types and order are those of swiglu_{fwd,bwd}_* in kernels.cu.
+        unsafe { b.launch(elementwise(n)) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dev = gate.device();
+    let name = if dy.is_some() {
+        "swiglu_bwd"
+    } else {
+        "swiglu_fwd"
+    };
+    let func = &typed(name, gate.dtype())?;
+    match gate.dtype() {
+        DType::BF16 => run::<bf16>(dev, func, (gate, gl), (up, ul), dy),
+        _ => run::<f32>(dev, func, (gate, gl), (up, ul), dy),
+    }
+}
+
+/// The rotary embedding of x [B, H, T, D] with tables cos, sin [B, 1, T, D] (all of one type),
+/// or with `backward` the transpose of that map applied to x (then a gradient).
+pub fn rope(
+    (x, xl): (&CudaStorage, &Layout),
+    (cos, cl): (&CudaStorage, &Layout),
+    (sin, sl): (&CudaStorage, &Layout),
+    (heads, positions, dim): (usize, usize, usize),
+    backward: bool,
+) -> Result<CudaStorage> {
+    fn run<T: CudaDType + DeviceRepr>(
+        dev: &CudaDevice,
+        func: &str,
+        (x, xl): (&CudaStorage, &Layout),
+        (cos, cl): (&CudaStorage, &Layout),
+        (sin, sl): (&CudaStorage, &Layout),
+        (heads, positions, dim): (usize, usize, usize),
+    ) -> Result<CudaStorage> {
+        let n = xl.shape().elem_count();
+        let table = cl.shape().elem_count();
+        if dim == 0 || dim % 2 != 0 || table * heads != n || sl.shape().elem_count() != table {
+            return Err(error(format!(
+                "rope: {n} values, tables of {table}, {heads} heads of dimension {dim}"
+            )));
+        }
+        let xv = view::<T>(x, xl, "rope x")?;
+        let cv = view::<T>(cos, cl, "rope cos")?;
+        let sv = view::<T>(sin, sl, "rope sin")?;
+        // SAFETY: the grid-stride loop writes every element.
+        let mut out: CudaSlice<T> = unsafe { dev.alloc::<T>(n)? };
+        let (h, t, d) = (
+            int(heads, "heads")?,
+            int(positions, "positions")?,
+            int(dim, "dim")?,
+        );
+        let len = n as i64;
+        let func = dev.get_or_load_custom_func(func, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&cv).arg(&sv).arg(&mut out);
+        b.arg(&h).arg(&t).arg(&d).arg(&len);
+        // SAFETY: argument types and order are those of rope_{fwd,bwd}_* in kernels.cu.
+        unsafe { b.launch(elementwise(n)) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    }
+    let dev = x.device();
+    let func = &typed(if backward { "rope_bwd" } else { "rope_fwd" }, x.dtype())?;
+    let args = ((x, xl), (cos, cl), (sin, sl), (heads, positions, dim));
+    match x.dtype() {
+        DType::BF16 => run::<bf16>(dev, func, args.0, args.1, args.2, args.3),
+        _ => run::<f32>(dev, func, args.0, args.1, args.2, args.3),
     }
 }
 

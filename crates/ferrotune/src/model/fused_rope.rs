@@ -158,9 +158,14 @@ impl CustomOp3 for Rotary {
 }
 
 /// [`ops::apply_rotary`] (`x` [B, H, T, D], `cos`/`sin` [B, 1, T, D]) with a gradient for `x`
-/// only: one fused kernel each way on the CPU in f32, reading `x` through its strides, and the
-/// composed op elsewhere or for tables of any other shape.
+/// only: one fused kernel each way on the CPU in f32, reading `x` through its strides,
+/// cuda/kernels.cu's on a GPU ([`super::elementwise_gpu`]), and the composed op elsewhere or for
+/// tables of any other shape.
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::device::own_cuda_kernels(x.device()) && super::elementwise_gpu::rope_fits(x, cos, sin)
+    {
+        return super::elementwise_gpu::rope(x, cos, sin);
+    }
     let on_cpu = x.device().is_cpu() && cos.device().is_cpu() && sin.device().is_cpu();
     let f32s = [x, cos, sin].iter().all(|t| t.dtype() == DType::F32);
     let fits = |(b, _, t, d): (usize, usize, usize, usize)| {

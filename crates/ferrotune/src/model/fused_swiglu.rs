@@ -119,9 +119,15 @@ impl CustomOp2 for Swiglu {
 }
 
 /// `silu(gate) ⊙ up` (gate and up of one shape), differentiable in both: one fused kernel each
-/// way on the CPU in f32, the composed [`ops::swiglu`] elsewhere. With `bf16` (the decoder
+/// way on the CPU in f32, cuda/kernels.cu's on a GPU ([`super::elementwise_gpu`]), the composed
+/// [`ops::swiglu`] elsewhere. With `bf16` (the decoder
 /// under bf16 autocast) the sigmoids' exps go through [`fast_exp`].
 pub fn swiglu(gate: &Tensor, up: &Tensor, bf16: bool) -> Result<Tensor> {
+    if crate::device::own_cuda_kernels(gate.device())
+        && super::elementwise_gpu::swiglu_fits(gate, up)
+    {
+        return super::elementwise_gpu::swiglu(gate, up);
+    }
     let on_cpu = gate.device().is_cpu() && up.device().is_cpu();
     if !on_cpu || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
         return ops::swiglu(gate, up);

@@ -8,6 +8,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda_ops;
 pub mod decoder;
+pub mod elementwise_gpu;
 pub mod fast_exp;
 pub mod fused;
 pub mod fused_attention;

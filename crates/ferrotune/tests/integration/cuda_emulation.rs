@@ -42,6 +42,8 @@ fn cuda_kernels_match_the_reference_under_cpu_emulation() {
         "token_logprob_bwd_bf16",
         "rms_norm_f32",
         "rms_norm_bf16",
+        "swiglu_rope_f32",
+        "swiglu_rope_bf16",
         "argmax_rows_f32",
         "argmax_rows_bf16",
         "adamw_moment_f32 adamw_apply_f32",
