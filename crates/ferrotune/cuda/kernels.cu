@@ -137,8 +137,9 @@ __device__ void token_logprob_bwd(const T* logits, const uint32_t* targets, cons
   }
 }
 
-// RMSNorm as HF Llama/Qwen2 computes it (in f32 whatever the storage type):
-// y = x * rsqrt(mean(x^2) + eps) * w, one block per row of x [N, H].
+// RMSNorm with f32 statistics as HF Llama/Qwen2 compute them, whatever the storage type:
+// y = x * rsqrt(mean(x^2) + eps) * w, rounded once (HF rounds x * r to the storage type before
+// the product with w), one block per row of x [N, H].
 template <typename T>
 __device__ void rms_norm_fwd(const T* x, const T* w, T* y, int hidden, float eps) {
   __shared__ float buf[SOFTMAX_BLOCK];
@@ -173,8 +174,9 @@ __device__ void rms_norm_bwd_x(const T* x, const T* w, const T* dy, T* dx, int h
 }
 
 // The weight's gradient sum_rows(dy * x * r) in parts: block b sums rows
-// [b * rows_per_block, (b + 1) * rows_per_block) into partial[b, :] (f32); the caller adds the
-// parts, in order, so the result does not depend on scheduling. hidden <= RMS_MAX_HIDDEN.
+// [b * rows_per_block, (b + 1) * rows_per_block) into partial[b, :] (f32), in row order; the
+// caller adds the parts (candle's fixed reduction tree), so the result does not depend on
+// scheduling. hidden <= RMS_MAX_HIDDEN.
 #define RMS_MAX_HIDDEN 8192
 template <typename T>
 __device__ void rms_norm_bwd_w(const T* x, const T* dy, float* partial, int rows, int hidden,
@@ -226,35 +228,36 @@ __device__ void swiglu_bwd(const T* gate, const T* up, const T* dy, T* grads, in
 }
 
 // Rotary embedding, y = x * cos + rotate_half(x) * sin with rotate_half([x1, x2]) = [-x2, x1],
-// over x [B, H, T, D] (contiguous) and tables cos, sin [B, 1, T, D], elementwise.
-template <typename T>
-__device__ void rope_fwd(const T* x, const T* cos, const T* sin, T* y, int heads, int positions,
-                         int dim, int64_t n) {
-  const int half = dim / 2;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)blockDim.x * gridDim.x) {
-    const int d = i % dim;
-    const int64_t row = i / dim;
-    const int64_t c = (row / ((int64_t)heads * positions) * positions + row % positions) * dim + d;
-    const float rot = d < half ? -load(x, i + half) : load(x, i - half);
-    store(y, i, load(x, i) * load(cos, c) + rot * load(sin, c));
-  }
-}
-
-// Its backward: dx = dy * cos + rotate_half^T(dy * sin), where rotate_half^T([a1, a2]) =
-// [a2, -a1].
-template <typename T>
-__device__ void rope_bwd(const T* dy, const T* cos, const T* sin, T* dx, int heads,
-                         int positions, int dim, int64_t n) {
-  const int half = dim / 2;
-  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)blockDim.x * gridDim.x) {
-    const int d = i % dim;
-    const int64_t row = i / dim;
-    const int64_t c = (row / ((int64_t)heads * positions) * positions + row % positions) * dim + d;
-    const float rot = d < half ? load(dy, i + half) * load(sin, c + half)
-                               : -load(dy, i - half) * load(sin, c - half);
-    store(dx, i, load(dy, i) * load(cos, c) + rot);
+// or with `transpose` the transposed map (the backward: dx = dy * cos + [a2, -a1] for
+// [a1, a2] = dy * sin). x [B, H, T, D] is read through strides (sb, sh, st; unit stride in D),
+// so the decoder's transposed projection needs no copy; y is contiguous [B, H, T, D]; tables
+// cos, sin are [B, 1, T, D]. One thread per (row, k < D/2) pair writes y[k] and y[k + D/2].
+// Index type I: 32-bit when every index fits (the caller says), else 64-bit.
+template <typename T, typename I>
+__device__ void rope_pairs(const T* x, const T* cos, const T* sin, T* y, int heads,
+                           int positions, int dim, I pairs, I sb, I sh, I st, bool transpose) {
+  const I half = dim / 2;
+  for (I p = (I)blockIdx.x * blockDim.x + threadIdx.x; p < pairs;
+       p += (I)blockDim.x * gridDim.x) {
+    const I row = p / half;
+    const I k = p - row * half;
+    const I t = row % positions;
+    const I bh = row / positions;
+    const I b = bh / heads;
+    const I h = bh - b * heads;
+    const I xi = b * sb + h * sh + t * st + k;
+    const I c = (b * positions + t) * dim + k;
+    const I yi = row * dim + k;
+    const float x1 = load(x, xi), x2 = load(x, xi + half);
+    const float c1 = load(cos, c), c2 = load(cos, c + half);
+    const float s1 = load(sin, c), s2 = load(sin, c + half);
+    if (transpose) {
+      store(y, yi, x1 * c1 + x2 * s2);
+      store(y, yi + half, x2 * c2 - x1 * s1);
+    } else {
+      store(y, yi, x1 * c1 - x2 * s1);
+      store(y, yi + half, x2 * c2 + x1 * s2);
+    }
   }
 }
 
@@ -325,14 +328,16 @@ __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
                                                T* grads, int64_t n) {                       \
     swiglu_bwd<T>(gate, up, dy, grads, n);                                                  \
   }                                                                                         \
-  extern "C" __global__ void rope_fwd_##NAME(const T* x, const T* cos, const T* sin, T* y,  \
-                                             int heads, int positions, int dim, int64_t n) { \
-    rope_fwd<T>(x, cos, sin, y, heads, positions, dim, n);                                  \
-  }                                                                                         \
-  extern "C" __global__ void rope_bwd_##NAME(const T* dy, const T* cos, const T* sin,       \
-                                             T* dx, int heads, int positions, int dim,      \
-                                             int64_t n) {                                   \
-    rope_bwd<T>(dy, cos, sin, dx, heads, positions, dim, n);                                \
+  extern "C" __global__ void rope_##NAME(const T* x, const T* cos, const T* sin, T* y,      \
+                                         int heads, int positions, int dim, int64_t pairs,  \
+                                         int64_t sb, int64_t sh, int64_t st, int transpose, \
+                                         int small) {                                       \
+    if (small)                                                                              \
+      rope_pairs<T, uint32_t>(x, cos, sin, y, heads, positions, dim, (uint32_t)pairs,       \
+                              (uint32_t)sb, (uint32_t)sh, (uint32_t)st, transpose != 0);    \
+    else                                                                                    \
+      rope_pairs<T, int64_t>(x, cos, sin, y, heads, positions, dim, pairs, sb, sh, st,      \
+                             transpose != 0);                                               \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) rms_norm_fwd_##NAME(          \
       const T* x, const T* w, T* y, int hidden, float eps) {                                \

@@ -300,39 +300,43 @@ static void swiglu_rope_case(const char* name, double rel) {
       check("swiglu_bwd up", grads.at(n + i), du, rel * fabs(du) + 1e-6);
     }
   }
-  {
+  for (int small : {1, 0}) {
     const int B = 2, H = 3, T_ = 5, D = 8;
     const int64_t n = (int64_t)B * H * T_ * D;
-    auto x = Buf<T>(uniform(n, -2.0f, 2.0f)), dy = Buf<T>(uniform(n, -1.0f, 1.0f));
+    // x as the decoder hands it over: a [B, T, H, D] projection seen as [B, H, T, D].
+    auto xm = Buf<T>(uniform(n, -2.0f, 2.0f)), dy = Buf<T>(uniform(n, -1.0f, 1.0f));
+    auto x_at = [&](int b, int h, int t, int d) { return xm.at((((size_t)b * T_ + t) * H + h) * D + d); };
     auto angles = uniform((size_t)B * T_ * D, -3.0f, 3.0f);
     std::vector<float> cv, sv;
     for (float a : angles) cv.push_back(cosf(a)), sv.push_back(sinf(a));
     auto c = Buf<T>(cv), sn = Buf<T>(sv);
     Buf<T> y(n), dx(n);
-    emulate_launch(2, 64, [&] {
-      if (f32) rope_fwd_f32((const float*)p(x), (const float*)p(c), (const float*)p(sn), (float*)q(y), H, T_, D, n);
-      else rope_fwd_bf16((const __nv_bfloat16*)p(x), (const __nv_bfloat16*)p(c), (const __nv_bfloat16*)p(sn), (__nv_bfloat16*)q(y), H, T_, D, n);
+    const int64_t pairs = n / 2;
+    emulate_launch(2, 16, [&] {
+      if (f32) rope_f32((const float*)p(xm), (const float*)p(c), (const float*)p(sn), (float*)q(y), H, T_, D, pairs, (int64_t)T_ * H * D, D, (int64_t)H * D, 0, small);
+      else rope_bf16((const __nv_bfloat16*)p(xm), (const __nv_bfloat16*)p(c), (const __nv_bfloat16*)p(sn), (__nv_bfloat16*)q(y), H, T_, D, pairs, (int64_t)T_ * H * D, D, (int64_t)H * D, 0, small);
     });
-    emulate_launch(2, 64, [&] {
-      if (f32) rope_bwd_f32((const float*)p(dy), (const float*)p(c), (const float*)p(sn), (float*)q(dx), H, T_, D, n);
-      else rope_bwd_bf16((const __nv_bfloat16*)p(dy), (const __nv_bfloat16*)p(c), (const __nv_bfloat16*)p(sn), (__nv_bfloat16*)q(dx), H, T_, D, n);
+    emulate_launch(2, 16, [&] {
+      if (f32) rope_f32((const float*)p(dy), (const float*)p(c), (const float*)p(sn), (float*)q(dx), H, T_, D, pairs, (int64_t)H * T_ * D, (int64_t)T_ * D, D, 1, small);
+      else rope_bf16((const __nv_bfloat16*)p(dy), (const __nv_bfloat16*)p(c), (const __nv_bfloat16*)p(sn), (__nv_bfloat16*)q(dx), H, T_, D, pairs, (int64_t)H * T_ * D, (int64_t)T_ * D, D, 1, small);
     });
-    // The backward is the transpose of the forward's linear map: check <dy, J x> = <J^T dy, x>
-    // per (b, h, t) row, and the forward element by element.
+    // The forward element by element; the backward as the transpose of the forward's linear
+    // map: <dy, J x> = <J^T dy, x> per (b, h, t) row.
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < H; ++h)
         for (int t = 0; t < T_; ++t) {
           int64_t r0 = (((int64_t)b * H + h) * T_ + t) * D, c0 = ((int64_t)b * T_ + t) * D;
           double lhs = 0, rhs = 0, size = 0;
           for (int d = 0; d < D; ++d) {
-            double rot = d < D / 2 ? -x.at(r0 + d + D / 2) : x.at(r0 + d - D / 2);
-            double want = x.at(r0 + d) * c.at(c0 + d) + rot * sn.at(c0 + d);
-            check("rope_fwd", y.at(r0 + d), want, rel * (fabs(x.at(r0 + d)) + fabs(rot)) + 1e-6);
+            double rot = d < D / 2 ? -x_at(b, h, t, d + D / 2) : x_at(b, h, t, d - D / 2);
+            double xv = x_at(b, h, t, d);
+            double want = xv * c.at(c0 + d) + rot * sn.at(c0 + d);
+            check("rope forward", y.at(r0 + d), want, rel * (fabs(xv) + fabs(rot)) + 1e-6);
             lhs += (double)dy.at(r0 + d) * want;
-            rhs += (double)dx.at(r0 + d) * x.at(r0 + d);
-            size += fabs(dy.at(r0 + d)) * (fabs(x.at(r0 + d)) + fabs(rot));
+            rhs += (double)dx.at(r0 + d) * xv;
+            size += fabs(dy.at(r0 + d)) * (fabs(xv) + fabs(rot));
           }
-          check("rope_bwd (adjoint)", rhs, lhs, 4 * rel * size + 1e-5);
+          check("rope backward (adjoint)", rhs, lhs, 4 * rel * size + 1e-5);
         }
   }
   printf("ok swiglu_rope_%s\n", name);

@@ -69,9 +69,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 /// (cuda/kernels.cu, the same first-maximum rule) and only the N ids are read back, not the
 /// logits; elsewhere the rows are read back and picked on the host.
 pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    let (_, v) = logits.dims2()?;
+    let (n, v) = logits.dims2()?;
     if v == 0 {
         return Err(Error::invalid("argmax over an empty vocabulary"));
+    }
+    if n == 0 {
+        return Ok(Vec::new());
     }
     if crate::device::own_cuda_kernels(logits.device())
         && matches!(logits.dtype(), DType::F32 | DType::BF16)

@@ -6,7 +6,8 @@
 //! negation, a concatenation, two broadcast products, a sum), each a pass over `[B, T, I]` or
 //! `[B, H, T, D]` activations. Here each is one elementwise pass: SwiGLU's backward writes both
 //! gradients into one buffer (`[2, …]`, split into two views), recomputing the sigmoid; the
-//! rotary backward applies the transposed rotation.
+//! rotary embedding reads its input through the strides of the decoder's transposed projection
+//! (no copy) and its backward applies the transposed rotation.
 //!
 //! The CPU trains through its own fused f32 ops ([`super::fused_swiglu`], [`super::fused_rope`]);
 //! the CPU forwards here mirror the CUDA kernels so the tests can check these ops' shapes and
@@ -21,9 +22,12 @@ fn kernel_type(t: &Tensor) -> bool {
     matches!(t.dtype(), DType::F32 | DType::BF16)
 }
 
-/// Whether [`swiglu`] takes these: one shape, one f32 or bf16 type.
+/// Whether [`swiglu`] takes these: one shape, not empty, one f32 or bf16 type.
 pub fn swiglu_fits(gate: &Tensor, up: &Tensor) -> bool {
-    kernel_type(gate) && up.dtype() == gate.dtype() && up.dims() == gate.dims()
+    gate.elem_count() > 0
+        && kernel_type(gate)
+        && up.dtype() == gate.dtype()
+        && up.dims() == gate.dims()
 }
 
 /// `silu(gate) ⊙ up`, differentiable in both (see [`swiglu_fits`]).
@@ -31,13 +35,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)?)
 }
 
-/// Whether [`rope`] takes these: x [B, H, T, D] with D even, cos and sin [B, 1, T, D], one f32
-/// or bf16 type.
+/// Whether [`rope`] takes these: x [B, H, T, D] not empty with D even, cos and sin
+/// [B, 1, T, D], one f32 or bf16 type.
 pub fn rope_fits(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
     let Ok((b, _, t, d)) = x.dims4() else {
         return false;
     };
-    kernel_type(x)
+    x.elem_count() > 0
+        && kernel_type(x)
         && d % 2 == 0
         && [cos, sin]
             .iter()
@@ -45,6 +50,8 @@ pub fn rope_fits(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 }
 
 /// `x·cos + rotate_half(x)·sin` (the HF convention), differentiable in `x` (see [`rope_fits`]).
+/// `x` is read through its strides (the decoder's transposed projection is not copied) unless
+/// its last dimension is strided.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, h, t, d) = x.dims4()?;
     let op = Rope {
@@ -52,8 +59,12 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         positions: t,
         dim: d,
     };
-    Ok(x.contiguous()?
-        .apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)?)
+    let x = if x.stride()[3] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    Ok(x.apply_op3(&cos.contiguous()?, &sin.contiguous()?, op)?)
 }
 
 struct Swiglu;
@@ -232,8 +243,7 @@ impl CustomOp3 for Rope {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dims = (self.heads, self.positions, self.dim);
-        let y = super::cuda_ops::rope((s1, l1), (s2, l2), (s3, l3), dims, false)?;
+        let y = super::cuda_ops::rope((s1, l1), (s2, l2), (s3, l3), false)?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -279,8 +289,7 @@ impl CustomOp3 for RopeGrad {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let dims = (self.0.heads, self.0.positions, self.0.dim);
-        let dx = super::cuda_ops::rope((s1, l1), (s2, l2), (s3, l3), dims, true)?;
+        let dx = super::cuda_ops::rope((s1, l1), (s2, l2), (s3, l3), true)?;
         Ok((dx, l1.shape().clone()))
     }
 }

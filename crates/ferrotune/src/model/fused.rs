@@ -50,20 +50,32 @@ pub(crate) fn f32_slice<'a>(
     Ok(&all[start..start + layout.shape().elem_count()])
 }
 
-/// The values of a contiguous f32 or bf16 CPU storage, as f32: the CPU forwards of the ops
-/// whose real kernels are CUDA ones (where bf16 storage is read into f32 math).
+/// The values of an f32 or bf16 CPU storage in the layout's logical order (any strides), as
+/// f32: the CPU forwards of the ops whose real kernels are CUDA ones (where bf16 storage is
+/// read into f32 math).
 pub(crate) fn f32_values(storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<f32>> {
-    let (start, end) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| cpu_error("kernel input is not contiguous"))?;
+    let at = logical_offsets(layout);
     match storage {
-        CpuStorage::F32(x) => Ok(x[start..end].to_vec()),
-        CpuStorage::BF16(x) => Ok(x[start..end].iter().map(|v| v.to_f32()).collect()),
+        CpuStorage::F32(x) => Ok(at.iter().map(|&i| x[i]).collect()),
+        CpuStorage::BF16(x) => Ok(at.iter().map(|&i| x[i].to_f32()).collect()),
         other => Err(cpu_error(format!(
             "kernel input must be f32 or bf16, not {:?}",
             candle_core::backend::BackendStorage::dtype(other)
         ))),
     }
+}
+
+/// The storage offset of every element of `layout`, in logical (row-major) order.
+fn logical_offsets(layout: &Layout) -> Vec<usize> {
+    let (dims, strides) = (layout.dims(), layout.stride());
+    let mut at = vec![layout.start_offset()];
+    for (&d, &s) in dims.iter().zip(strides) {
+        at = at
+            .iter()
+            .flat_map(|&base| (0..d).map(move |i| base + i * s))
+            .collect();
+    }
+    at
 }
 
 /// f32 results stored in `like`'s type (f32, or bf16 rounded to nearest).

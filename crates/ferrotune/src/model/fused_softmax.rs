@@ -211,6 +211,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, bf16: bool) ->
     let f32_cpu = on_cpu && scores.dtype() == DType::F32 && mask.dtype() == DType::F32;
     // cuda/kernels.cu's kernels: f32 or bf16 scores, the mask in the same type.
     let cuda = crate::device::own_cuda_kernels(scores.device())
+        && scores.elem_count() > 0
         && matches!(scores.dtype(), DType::F32 | DType::BF16);
     if !f32_cpu && !cuda {
         return ops::masked_softmax(scores, mask, scale);

@@ -16,16 +16,23 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor
 use super::fused::{f32_values, stored_like};
 use crate::error::Result;
 
-/// Rows each block of the weight-gradient kernel sums (its partials: rows / this).
-const ROWS_PER_BLOCK: usize = 64;
+/// Parts the weight-gradient kernel aims for, one block each (a few per SM of an H100's 132).
+const PARTS: usize = 512;
+
+/// Rows each part of the weight gradient sums: a function of the shape alone, so the order of
+/// the float sums is too.
+fn rows_per_part(rows: usize) -> usize {
+    rows.div_ceil(PARTS).max(1)
+}
 /// The widest row the weight-gradient kernel's shared accumulator holds (RMS_MAX_HIDDEN).
 pub const MAX_HIDDEN: usize = 8192;
 
-/// Whether [`rms_norm`] takes this input: f32 or bf16 `x` and `weight` of one type, rows no
-/// wider than [`MAX_HIDDEN`].
+/// Whether [`rms_norm`] takes this input: not empty, f32 or bf16 `x` and `weight` of one type,
+/// rows no wider than [`MAX_HIDDEN`].
 pub fn fits(x: &Tensor, weight: &Tensor) -> bool {
     let h = x.dim(D::Minus1).unwrap_or(0);
-    matches!(x.dtype(), DType::F32 | DType::BF16)
+    x.elem_count() > 0
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
         && weight.dtype() == x.dtype()
         && weight.dims() == [h]
         && (1..=MAX_HIDDEN).contains(&h)
@@ -57,8 +64,8 @@ impl RmsNormRows {
 /// `x`'s gradient: (x, w, dy) → dx.
 struct GradX(RmsNormRows);
 
-/// The weight's gradient in parts: (x, dy) → f32 [blocks, H], block b summing
-/// `dy · x · r` over rows `[b·64, (b+1)·64)`.
+/// The weight's gradient in parts: (x, dy) → f32 [parts, H], part b summing `dy · x · r` over
+/// its [`rows_per_part`] rows.
 struct GradWParts(RmsNormRows);
 
 impl CustomOp2 for RmsNormRows {
@@ -174,11 +181,12 @@ impl CustomOp2 for GradWParts {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
         let h = self.0.hidden;
-        let blocks = (x.len() / h).div_ceil(ROWS_PER_BLOCK);
+        let per = rows_per_part(x.len() / h);
+        let blocks = (x.len() / h).div_ceil(per);
         let mut parts = vec![0f32; blocks * h];
         for (i, (row, g)) in x.chunks(h).zip(dy.chunks(h)).enumerate() {
             let r = self.0.inv_rms(row);
-            let part = &mut parts[(i / ROWS_PER_BLOCK) * h..][..h];
+            let part = &mut parts[(i / per) * h..][..h];
             for ((p, v), g) in part.iter_mut().zip(row).zip(g) {
                 *p += g * v * r;
             }
@@ -195,9 +203,10 @@ impl CustomOp2 for GradWParts {
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let h = self.0.hidden;
-        let blocks = (l1.shape().elem_count() / h).div_ceil(ROWS_PER_BLOCK);
-        let parts =
-            super::cuda_ops::rms_norm_bwd_w((s1, l1), (s2, l2), (h, ROWS_PER_BLOCK), self.0.eps)?;
+        let rows = l1.shape().elem_count() / h;
+        let per = rows_per_part(rows);
+        let blocks = rows.div_ceil(per);
+        let parts = super::cuda_ops::rms_norm_bwd_w((s1, l1), (s2, l2), (h, per), self.0.eps)?;
         Ok((parts, Shape::from((blocks, h))))
     }
 }
