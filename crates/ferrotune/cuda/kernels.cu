@@ -300,24 +300,25 @@ __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
 }
 
 #define ROW_KERNELS(NAME, T)                                                                \
-  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) masked_softmax_fwd_##NAME(const T* scores, const T* mask,      \
-                                                       T* probs, int heads, int queries,    \
-                                                       int keys, float scale) {             \
+  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) masked_softmax_fwd_##NAME(    \
+      const T* scores, const T* mask, T* probs, int heads, int queries, int keys,           \
+      float scale) {                                                                        \
     masked_softmax_fwd<T>(scores, mask, probs, heads, queries, keys, scale);               \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) masked_softmax_bwd_##NAME(const T* probs, const T* grad,       \
-                                                       T* dscores, int keys, float scale) { \
+  extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) masked_softmax_bwd_##NAME(    \
+      const T* probs, const T* grad, T* dscores, int keys, float scale) {                   \
     masked_softmax_bwd<T>(probs, grad, dscores, keys, scale);                               \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) token_logprob_fwd_##NAME(                                      \
+  extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) token_logprob_fwd_##NAME(       \
       const T* logits, const uint32_t* targets, float* out, int vocab) {                    \
     token_logprob_fwd<T>(logits, targets, out, vocab);                                      \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) token_logprob_bwd_##NAME(                                      \
+  extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) token_logprob_bwd_##NAME(       \
       const T* logits, const uint32_t* targets, const float* stats, T* dlogits, int vocab) { \
     token_logprob_bwd<T>(logits, targets, stats, dlogits, vocab);                           \
   }                                                                                         \
-  extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) argmax_rows_##NAME(const T* x, uint32_t* out, int cols) {      \
+  extern "C" __global__ void __launch_bounds__(VOCAB_BLOCK) argmax_rows_##NAME(             \
+      const T* x, uint32_t* out, int cols) {                                                \
     argmax_rows<T>(x, out, cols);                                                           \
   }                                                                                         \
   extern "C" __global__ void swiglu_fwd_##NAME(const T* gate, const T* up, T* out,         \
