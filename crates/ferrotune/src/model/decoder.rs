@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::attention_gpu;
 use super::bf16_gemm::{self, Operand, PackedB};
 use super::bf16_linear;
 use super::bf16_matmul;
@@ -553,6 +554,14 @@ impl Decoder {
         let groups = h / kv;
         let s = k.dim(2)?;
         let scale = 1.0 / (d as f64).sqrt();
+        if !fused
+            && crate::device::own_cuda_kernels(q.device())
+            && attention_gpu::fits(q, k, v, mask)
+        {
+            // Training on a GPU: no [B, H, T, S] tensor kept per layer for the backward.
+            let out = attention_gpu::attention(q, k, v, mask, scale)?;
+            return Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?);
+        }
         let q = q.contiguous()?.reshape((b, kv, groups * t, d))?;
         let bf16 = self.bf16_linears;
         let scores = if bf16 {

@@ -207,6 +207,53 @@ impl CustomOp2 for MaskedSoftmaxGrad {
 /// decoder under bf16 autocast) the forward's exps and sums go through [`fast_exp`]: a few
 /// ulp from the f32 path's values, which stay bit for bit those of `f32::exp`.
 pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, bf16: bool) -> Result<Tensor> {
+    match kernel(scores, mask, scale, bf16)? {
+        Some((op, mask)) => Ok(scores.contiguous()?.apply_op2(&mask, op)?),
+        None => ops::masked_softmax(scores, mask, scale),
+    }
+}
+
+/// [`masked_softmax`]'s values without a gradient (the attention that recomputes its
+/// probabilities in the backward pass, `attention_gpu`).
+pub(crate) fn masked_softmax_values(scores: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    match kernel(scores, mask, scale, false)? {
+        Some((op, mask)) => Ok(scores.contiguous()?.apply_op2_no_bwd(&mask, &op)?),
+        None => Ok(ops::masked_softmax(scores, mask, scale)?.detach()),
+    }
+}
+
+/// The scores' gradient from the probabilities and their gradient (both [B, H, T, S]):
+/// `scale · p ⊙ (g − Σ_row p ⊙ g)`, by the kernels where [`masked_softmax`] has them.
+pub(crate) fn masked_softmax_grad(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, _, _, s) = probs.dims4()?;
+    let f32_cpu = probs.device().is_cpu() && probs.dtype() == DType::F32;
+    let cuda = crate::device::own_cuda_kernels(probs.device())
+        && probs.elem_count() > 0
+        && matches!(probs.dtype(), DType::F32 | DType::BF16);
+    if (f32_cpu || cuda) && grad.dtype() == probs.dtype() && grad.dims() == probs.dims() {
+        let op = MaskedSoftmaxGrad(MaskedSoftmax {
+            scale: scale as f32,
+            heads: 1,
+            queries: 1,
+            keys: s,
+            fast_exp: false,
+        });
+        return Ok(probs
+            .contiguous()?
+            .apply_op2_no_bwd(&grad.contiguous()?, &op)?);
+    }
+    let dot = (probs * grad)?.sum_keepdim(candle_core::D::Minus1)?;
+    Ok((probs * grad.broadcast_sub(&dot)?)?.affine(scale, 0.0)?)
+}
+
+/// The fused op for these scores and the mask in their type, or `None` where the composed ops
+/// run (bf16 on the CPU, other devices, f16).
+fn kernel(
+    scores: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    bf16: bool,
+) -> Result<Option<(MaskedSoftmax, Tensor)>> {
     let on_cpu = scores.device().is_cpu() && mask.device().is_cpu();
     let f32_cpu = on_cpu && scores.dtype() == DType::F32 && mask.dtype() == DType::F32;
     // cuda/kernels.cu's kernels: f32 or bf16 scores, the mask in the same type.
@@ -214,9 +261,9 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, bf16: bool) ->
         && scores.elem_count() > 0
         && matches!(scores.dtype(), DType::F32 | DType::BF16);
     if !f32_cpu && !cuda {
-        return ops::masked_softmax(scores, mask, scale);
+        return Ok(None);
     }
-    let mask = &mask.to_dtype(scores.dtype())?;
+    let mask = mask.to_dtype(scores.dtype())?.contiguous()?;
     let (b, h, t, s) = scores.dims4()?;
     if mask.dims() != [b, 1, t, s] {
         return Err(Error::invalid(format!(
@@ -232,7 +279,7 @@ pub fn masked_softmax(scores: &Tensor, mask: &Tensor, scale: f64, bf16: bool) ->
         keys: s,
         fast_exp: bf16,
     };
-    Ok(scores.contiguous()?.apply_op2(&mask.contiguous()?, op)?)
+    Ok(Some((op, mask)))
 }
 
 #[cfg(test)]

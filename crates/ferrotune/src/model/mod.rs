@@ -1,6 +1,7 @@
 //! The model: HF config, the Llama-family decoder, rotary embeddings, the KV cache,
 //! differentiable ops and random initialisation.
 
+pub mod attention_gpu;
 pub mod bf16_gemm;
 pub mod bf16_linear;
 pub mod bf16_matmul;
