@@ -25,13 +25,23 @@ pub enum Choice {
 /// composed candle ops in their place (a fallback, and the baseline the GPU check compares).
 pub const CUDA_KERNELS_VAR: &str = "FERROTUNE_CUDA_KERNELS";
 
+/// A test aid: `1` sends f32 work on the CPU down the GPU paths too (their ops' CPU forwards
+/// mirror the kernels), so a CPU run checks how those paths wire the model together, gradients
+/// included (tests/cli/training.rs). f32 only, and slower; not for real runs.
+pub const GPU_PATHS_ON_CPU_VAR: &str = "FERROTUNE_GPU_PATHS_ON_CPU";
+
 /// Whether work on `device` goes through ferrotune's own CUDA kernels: a GPU in a `cuda` build,
-/// unless `FERROTUNE_CUDA_KERNELS=0`.
+/// unless `FERROTUNE_CUDA_KERNELS=0` (or, for tests, the CPU under [`GPU_PATHS_ON_CPU_VAR`]).
 pub fn own_cuda_kernels(device: &Device) -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    cfg!(feature = "cuda")
+    static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on_gpu = cfg!(feature = "cuda")
         && device.is_cuda()
-        && *ON.get_or_init(|| std::env::var(CUDA_KERNELS_VAR).map_or(true, |v| v.trim() != "0"))
+        && *ON.get_or_init(|| std::env::var(CUDA_KERNELS_VAR).map_or(true, |v| v.trim() != "0"));
+    on_gpu
+        || (device.is_cpu()
+            && *CPU
+                .get_or_init(|| std::env::var(GPU_PATHS_ON_CPU_VAR).is_ok_and(|v| v.trim() == "1")))
 }
 
 /// The device named by `FERROTUNE_DEVICE`, or the local rank's GPU, or the CPU.

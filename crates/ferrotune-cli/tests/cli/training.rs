@@ -40,6 +40,92 @@ fn run_ok(args: &[&str]) -> serde_json::Value {
     stdout_json(&ferrotune(args))
 }
 
+/// The GPU paths (attention that recomputes its probabilities, the RMSNorm, SwiGLU, rotary and
+/// log-prob ops, greedy ids), run on the CPU through their ops' CPU forwards: 4 SFT and 4 DPO
+/// steps give the losses and gradient norms of the CPU's own path. What a GPU adds on top is
+/// only the kernels' launches (cuda/kernels.cu is checked under emulation, the launches by
+/// scripts/gpu/check.sh).
+#[test]
+fn the_gpu_paths_train_as_the_cpu_path_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    // A random 5M Qwen2-shape model (grouped KV heads) with the fixture tokenizer.
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let model = tmp.path().join("model");
+    let made = ferrotune(&[
+        "init-model",
+        "--config",
+        root.join("scripts/bench/configs/tiny.json")
+            .to_str()
+            .unwrap(),
+        "--tokenizer",
+        fixtures().join("tokenizer").to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+        "--seed",
+        "0",
+    ]);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    for (objective, data) in [("sft", "chat.jsonl"), ("dpo", "preference.jsonl")] {
+        let mut runs = Vec::new();
+        for gpu_paths in ["0", "1"] {
+            let out = tmp.path().join(format!("{objective}-{gpu_paths}"));
+            let data = fixtures().join("data").join(data);
+            let status = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+                .args([objective, "--model", model.to_str().unwrap(), "--data"])
+                .arg(&data)
+                .arg("--output-dir")
+                .arg(&out)
+                .args([
+                    "--max-steps",
+                    "4",
+                    "--batch-size",
+                    "2",
+                    "--max-length",
+                    "128",
+                ])
+                .args(["--precision", "f32", "--lr", "1e-3", "--seed", "0"])
+                .env("FERROTUNE_GPU_PATHS_ON_CPU", gpu_paths)
+                .env("RUST_LOG", "warn")
+                .output()
+                .unwrap();
+            assert!(
+                status.status.success(),
+                "{}",
+                String::from_utf8_lossy(&status.stderr)
+            );
+            runs.push(out);
+        }
+        let rows = |run: &Path| -> Vec<(f64, f64)> {
+            metrics(run)
+                .iter()
+                .filter(|r| r["split"] == "train")
+                .map(|r| {
+                    (
+                        r["loss"].as_f64().unwrap(),
+                        r["grad_norm"].as_f64().unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let (cpu, gpu) = (rows(&runs[0]), rows(&runs[1]));
+        assert_eq!(cpu.len(), 4, "{objective}");
+        assert_eq!(cpu.len(), gpu.len(), "{objective}");
+        for (step, (a, b)) in cpu.iter().zip(&gpu).enumerate() {
+            for (what, x, y) in [("loss", a.0, b.0), ("grad_norm", a.1, b.1)] {
+                assert!(
+                    (x - y).abs() <= 1e-4 * x.abs().max(1e-3),
+                    "{objective} step {}: {what} {x} (CPU path) vs {y} (GPU paths)",
+                    step + 1
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn sft_sanity_train_overfits_32_chats() {
     let tmp = tempfile::tempdir().unwrap();
