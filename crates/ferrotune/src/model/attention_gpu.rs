@@ -131,6 +131,11 @@ impl Attention {
         let probs = fused_softmax::masked_softmax_values(&scores, &self.mask, self.scale)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let (storage, pl) = probs.storage_and_layout();
+        if !pl.is_contiguous() {
+            return Err(candle_core::Error::Msg(
+                "attention: probabilities are not contiguous".into(),
+            ));
+        }
         let p =
             from(&storage).ok_or_else(|| candle_core::Error::Msg("attention: device".into()))?;
         let lp = Layout::contiguous_with_offset((n, rows, s), pl.start_offset());

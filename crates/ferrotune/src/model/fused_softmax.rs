@@ -228,6 +228,7 @@ pub(crate) fn masked_softmax_grad(probs: &Tensor, grad: &Tensor, scale: f64) -> 
     let (_, _, _, s) = probs.dims4()?;
     let f32_cpu = probs.device().is_cpu() && probs.dtype() == DType::F32;
     let cuda = crate::device::own_cuda_kernels(probs.device())
+        && probs.device().is_cuda()
         && probs.elem_count() > 0
         && matches!(probs.dtype(), DType::F32 | DType::BF16);
     if (f32_cpu || cuda) && grad.dtype() == probs.dtype() && grad.dims() == probs.dims() {
@@ -258,6 +259,7 @@ fn kernel(
     let f32_cpu = on_cpu && scores.dtype() == DType::F32 && mask.dtype() == DType::F32;
     // cuda/kernels.cu's kernels: f32 or bf16 scores, the mask in the same type.
     let cuda = crate::device::own_cuda_kernels(scores.device())
+        && scores.device().is_cuda()
         && scores.elem_count() > 0
         && matches!(scores.dtype(), DType::F32 | DType::BF16);
     if !f32_cpu && !cuda {
