@@ -10,12 +10,15 @@
 //! (no copy) and its backward applies the transposed rotation.
 //!
 //! The CPU trains through its own fused f32 ops ([`super::fused_swiglu`], [`super::fused_rope`]);
-//! the CPU forwards here mirror the CUDA kernels so the tests can check these ops' shapes and
-//! gradients against the composed reference.
+//! the CPU forwards here run those ops' arithmetic on the values read as f32, so the tests can
+//! check these ops' graphs, shapes and gradients against the composed reference (the kernels'
+//! own arithmetic is checked under emulation, tests/integration/cuda_emulation.rs).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
 use super::fused::{f32_values, stored_like};
+use super::fused_rope::Rotary;
+use super::fused_swiglu::Swiglu as CpuSwiglu;
 use crate::error::Result;
 
 fn kernel_type(t: &Tensor) -> bool {
@@ -54,11 +57,11 @@ pub fn rope_fits(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
 /// its last dimension is strided.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, h, t, d) = x.dims4()?;
-    let op = Rope {
+    let op = Rope(Rotary {
         heads: h,
         positions: t,
         dim: d,
-    };
+    });
     let x = if x.stride()[3] == 1 {
         x.clone()
     } else {
@@ -72,9 +75,8 @@ struct Swiglu;
 /// (gate, up, dy) → [2, …]: d gate, then d up.
 struct SwigluGrad;
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
+/// The CPU op's arithmetic with libm's exps (the f32 path's).
+const CPU_SWIGLU: CpuSwiglu = CpuSwiglu { fast_exp: false };
 
 impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
@@ -88,8 +90,7 @@ impl CustomOp2 for Swiglu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (g, u) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
-        let y = g.iter().zip(&u).map(|(&g, u)| g * sigmoid(g) * u).collect();
+        let y = CPU_SWIGLU.forward(&f32_values(s1, l1)?, &f32_values(s2, l2)?);
         Ok((stored_like(s1, y), l1.shape().clone()))
     }
 
@@ -142,14 +143,8 @@ impl CustomOp3 for SwigluGrad {
             f32_values(s2, l2)?,
             f32_values(s3, l3)?,
         );
-        let mut out = Vec::with_capacity(2 * g.len());
-        for ((&g, &u), &d) in g.iter().zip(&u).zip(&dy) {
-            let s = sigmoid(g);
-            out.push(d * u * s * (1.0 + g * (1.0 - s)));
-        }
-        for (&g, &d) in g.iter().zip(&dy) {
-            out.push(d * g * sigmoid(g));
-        }
+        let (mut out, d_up) = CPU_SWIGLU.backward(&g, &u, &dy);
+        out.extend(d_up);
         Ok((stored_like(s1, out), with_leading_two(l1.shape())))
     }
 
@@ -169,36 +164,13 @@ impl CustomOp3 for SwigluGrad {
 }
 
 #[derive(Clone, Copy)]
-struct Rope {
-    heads: usize,
-    positions: usize,
-    dim: usize,
-}
+struct Rope(Rotary);
 
 /// The transposed rotation, applied to the output's gradient: (dy, cos, sin) → dx.
 struct RopeGrad(Rope);
 
 impl Rope {
-    /// The rotation (or with `transpose` its transpose) of every row of `x`, as the kernels do.
-    fn apply(&self, x: &[f32], cos: &[f32], sin: &[f32], transpose: bool) -> Vec<f32> {
-        let (d, half) = (self.dim, self.dim / 2);
-        let mut y = Vec::with_capacity(x.len());
-        for (row, xr) in x.chunks(d).enumerate() {
-            let t = row / (self.heads * self.positions) * self.positions + row % self.positions;
-            let (c, s) = (&cos[t * d..(t + 1) * d], &sin[t * d..(t + 1) * d]);
-            for k in 0..d {
-                let rot = match (transpose, k < half) {
-                    (false, true) => -xr[k + half] * s[k],
-                    (false, false) => xr[k - half] * s[k],
-                    (true, true) => xr[k + half] * s[k + half],
-                    (true, false) => -xr[k - half] * s[k - half],
-                };
-                y.push(xr[k] * c[k] + rot);
-            }
-        }
-        y
-    }
-
+    /// The rotation (or with `transpose` its transpose, the backward) of `x` read as f32.
     fn cpu(
         &self,
         (s1, l1): (&CpuStorage, &Layout),
@@ -211,7 +183,18 @@ impl Rope {
             f32_values(s2, l2)?,
             f32_values(s3, l3)?,
         );
-        let y = self.apply(&x, &c, &s, transpose);
+        let Rotary {
+            heads,
+            positions,
+            dim,
+        } = self.0;
+        let y = if transpose {
+            self.0.backward(&x, &c, &s)
+        } else {
+            // `f32_values` gave x in logical order: contiguous [B, H, T, D] strides.
+            let strides = [heads * positions * dim, positions * dim, dim];
+            self.0.forward(&x, 0, strides, &c, &s)
+        };
         Ok((stored_like(s1, y), l1.shape().clone()))
     }
 }

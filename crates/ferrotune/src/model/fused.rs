@@ -657,18 +657,21 @@ pub fn head_logprobs_composed(
     Ok((logp, hits.round() as usize))
 }
 
-struct RmsNorm {
-    eps: f32,
-    hidden_size: usize,
+/// RMSNorm's arithmetic over f32 rows: this file's CPU op, and the CPU forwards of
+/// [`super::rms_norm_gpu`]'s GPU op.
+#[derive(Clone, Copy)]
+pub(super) struct RmsNorm {
+    pub(super) eps: f32,
+    pub(super) hidden_size: usize,
 }
 
 impl RmsNorm {
-    fn inv_rms(&self, row: &[f32]) -> f32 {
+    pub(super) fn inv_rms(&self, row: &[f32]) -> f32 {
         let mean_square = row.iter().map(|x| x * x).sum::<f32>() / self.hidden_size as f32;
         1.0 / (mean_square + self.eps).sqrt()
     }
 
-    fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
+    pub(super) fn forward(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
         let h = self.hidden_size;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(h)
@@ -683,7 +686,7 @@ impl RmsNorm {
     }
 
     /// `dx_k = r·(w_k·dy_k − x_k·r²·Σ_j w_j·dy_j·x_j / H)`, `dw_j = Σ_rows dy_j·x_j·r`.
-    fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    pub(super) fn backward(&self, x: &[f32], w: &[f32], dy: &[f32]) -> (Vec<f32>, Vec<f32>) {
         let h = self.hidden_size;
         let mut dx = vec![0f32; x.len()];
         // Rows in blocks, each block with its own partial dw, summed at the end in block order:

@@ -16,13 +16,16 @@ use super::fused::{cpu_error, f32_slice, for_each_rows, new_written, with_f32};
 use super::ops;
 use crate::error::Result;
 
-struct Rotary {
+/// The rotary's arithmetic over f32 rows: this file's CPU op, and the CPU forwards of
+/// [`super::elementwise_gpu`]'s GPU op.
+#[derive(Clone, Copy)]
+pub(super) struct Rotary {
     /// Heads sharing one cos/sin row (cos and sin are [B, 1, T, D]).
-    heads: usize,
+    pub(super) heads: usize,
     /// Positions per head (T).
-    positions: usize,
+    pub(super) positions: usize,
     /// The head dimension (D), even.
-    dim: usize,
+    pub(super) dim: usize,
 }
 
 impl Rotary {
@@ -35,7 +38,7 @@ impl Rotary {
 
     /// `y = x·cos + rotate_half(x)·sin` with `rotate_half(x) = [−x₂, x₁]` for the halves
     /// `x = [x₁, x₂]`. `x` is read at `start + b·s₀ + h·s₁ + t·s₂ + d` (unit stride in d).
-    fn forward(
+    pub(super) fn forward(
         &self,
         x: &[f32],
         start: usize,
@@ -68,7 +71,7 @@ impl Rotary {
 
     /// The transpose of the forward map: `dx = dy·cos + rotate_halfᵀ(dy·sin)`, where
     /// `rotate_halfᵀ([a₁, a₂]) = [a₂, −a₁]`, `dy` and `dx` `[B, H, T, D]`.
-    fn backward(&self, dy: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
+    pub(super) fn backward(&self, dy: &[f32], cos: &[f32], sin: &[f32]) -> Vec<f32> {
         let d = self.dim;
         let write = |dx: &mut [MaybeUninit<f32>]| {
             for_each_rows(dx, d, |offset, block| {

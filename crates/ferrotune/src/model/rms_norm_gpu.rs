@@ -8,12 +8,13 @@
 //! (deterministic, no atomics).
 //!
 //! The CPU trains through its own fused f32 op ([`super::fused::rms_norm`]); the CPU forwards
-//! here mirror the CUDA kernels so the tests can check this op's shapes and gradients against
-//! the composed reference.
+//! here run that op's arithmetic ([`RmsNorm`]) on the values read as f32, so the tests can check
+//! this op's graph, shapes and gradients against the composed reference (the kernels' own
+//! arithmetic is checked under emulation, tests/integration/cuda_emulation.rs).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-use super::fused::{f32_values, stored_like};
+use super::fused::{f32_values, stored_like, RmsNorm};
 use crate::error::Result;
 
 /// Parts the weight-gradient kernel aims for, one block each (a few per SM of an H100's 132).
@@ -41,32 +42,22 @@ pub fn fits(x: &Tensor, weight: &Tensor) -> bool {
 /// RMSNorm over the last dimension, differentiable in `x` and `weight` (see [`fits`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let hidden = x.dim(D::Minus1)?;
-    let op = RmsNormRows {
+    let op = RmsNormRows(RmsNorm {
         eps: eps as f32,
-        hidden,
-    };
+        hidden_size: hidden,
+    });
     Ok(x.contiguous()?.apply_op2(&weight.contiguous()?, op)?)
 }
 
 #[derive(Clone, Copy)]
-struct RmsNormRows {
-    eps: f32,
-    hidden: usize,
-}
-
-impl RmsNormRows {
-    fn inv_rms(&self, row: &[f32]) -> f32 {
-        let ss: f32 = row.iter().map(|v| v * v).sum();
-        1.0 / (ss / self.hidden as f32 + self.eps).sqrt()
-    }
-}
+struct RmsNormRows(RmsNorm);
 
 /// `x`'s gradient: (x, w, dy) → dx.
-struct GradX(RmsNormRows);
+struct GradX(RmsNorm);
 
 /// The weight's gradient in parts: (x, dy) → f32 [parts, H], part b summing `dy · x · r` over
 /// its [`rows_per_part`] rows.
-struct GradWParts(RmsNormRows);
+struct GradWParts(RmsNorm);
 
 impl CustomOp2 for RmsNormRows {
     fn name(&self) -> &'static str {
@@ -80,12 +71,7 @@ impl CustomOp2 for RmsNormRows {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, w) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
-        let mut y = Vec::with_capacity(x.len());
-        for row in x.chunks(self.hidden) {
-            let r = self.inv_rms(row);
-            y.extend(row.iter().zip(&w).map(|(v, w)| v * r * w));
-        }
+        let y = self.0.forward(&f32_values(s1, l1)?, &f32_values(s2, l2)?);
         Ok((stored_like(s1, y), l1.shape().clone()))
     }
 
@@ -97,7 +83,8 @@ impl CustomOp2 for RmsNormRows {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let y = super::cuda_ops::rms_norm_fwd((s1, l1), (s2, l2), self.hidden, self.eps)?;
+        let (h, eps) = (self.0.hidden_size, self.0.eps);
+        let y = super::cuda_ops::rms_norm_fwd((s1, l1), (s2, l2), h, eps)?;
         Ok((y, l1.shape().clone()))
     }
 
@@ -109,8 +96,8 @@ impl CustomOp2 for RmsNormRows {
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &GradX(*self))?;
-        let parts = x.apply_op2_no_bwd(&dy, &GradWParts(*self))?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &GradX(self.0))?;
+        let parts = x.apply_op2_no_bwd(&dy, &GradWParts(self.0))?;
         let dw = parts.sum(0)?.to_dtype(w.dtype())?;
         Ok((Some(dx), Some(dw)))
     }
@@ -135,19 +122,9 @@ impl CustomOp3 for GradX {
             f32_values(s2, l2)?,
             f32_values(s3, l3)?,
         );
-        let h = self.0.hidden;
-        let mut dx = Vec::with_capacity(x.len());
-        for (row, g) in x.chunks(h).zip(dy.chunks(h)) {
-            let r = self.0.inv_rms(row);
-            let dot: f32 = row.iter().zip(g).zip(&w).map(|((v, g), w)| w * g * v).sum();
-            let c = r * r * dot / h as f32;
-            dx.extend(
-                row.iter()
-                    .zip(g)
-                    .zip(&w)
-                    .map(|((v, g), w)| r * (w * g - v * c)),
-            );
-        }
+        // The CPU op's backward also sums the weight's gradient, unused here: this forward
+        // only serves tests and the GPU paths run on the CPU.
+        let (dx, _) = self.0.backward(&x, &w, &dy);
         Ok((stored_like(s1, dx), l1.shape().clone()))
     }
 
@@ -161,7 +138,7 @@ impl CustomOp3 for GradX {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (h, eps) = (self.0.hidden, self.0.eps);
+        let (h, eps) = (self.0.hidden_size, self.0.eps);
         let dx = super::cuda_ops::rms_norm_bwd_x((s1, l1), (s2, l2), (s3, l3), h, eps)?;
         Ok((dx, l1.shape().clone()))
     }
@@ -180,7 +157,7 @@ impl CustomOp2 for GradWParts {
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (x, dy) = (f32_values(s1, l1)?, f32_values(s2, l2)?);
-        let h = self.0.hidden;
+        let h = self.0.hidden_size;
         let per = rows_per_part(x.len() / h);
         let blocks = (x.len() / h).div_ceil(per);
         let mut parts = vec![0f32; blocks * h];
@@ -202,7 +179,7 @@ impl CustomOp2 for GradWParts {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let h = self.0.hidden;
+        let h = self.0.hidden_size;
         let rows = l1.shape().elem_count() / h;
         let per = rows_per_part(rows);
         let blocks = rows.div_ceil(per);
