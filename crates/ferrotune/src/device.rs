@@ -5,7 +5,7 @@
 //! CPU. `FERROTUNE_DEVICE` overrides it: `cpu`, `cuda` (the local rank's GPU) or `cuda:N`, so one
 //! CUDA binary can also run the CPU path (the GPU check compares the two on the same fixtures).
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
@@ -42,6 +42,17 @@ pub fn own_cuda_kernels(device: &Device) -> bool {
         || (device.is_cpu()
             && *CPU
                 .get_or_init(|| std::env::var(GPU_PATHS_ON_CPU_VAR).is_ok_and(|v| v.trim() == "1")))
+}
+
+/// The element types cuda/kernels.cu has kernels for (f32 math over f32 or bf16 storage).
+pub fn kernel_dtype(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::BF16)
+}
+
+/// Whether `t` goes through ferrotune's own CUDA kernels: its device does
+/// ([`own_cuda_kernels`]), the kernels have its type, and it is not empty.
+pub fn own_kernels_for(t: &Tensor) -> bool {
+    own_cuda_kernels(t.device()) && kernel_dtype(t.dtype()) && t.elem_count() > 0
 }
 
 /// The device named by `FERROTUNE_DEVICE`, or the local rank's GPU, or the CPU.

@@ -76,9 +76,7 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    if crate::device::own_cuda_kernels(logits.device())
-        && matches!(logits.dtype(), DType::F32 | DType::BF16)
-    {
+    if crate::device::own_kernels_for(logits) {
         let ids = logits
             .contiguous()?
             .apply_op1_no_bwd(&ArgmaxRows { cols: v })?;

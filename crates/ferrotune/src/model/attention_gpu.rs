@@ -16,7 +16,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 
 use super::fused_softmax;
 use crate::error::{Error, Result};
@@ -29,7 +29,7 @@ pub fn fits(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
     };
     q.elem_count() > 0
         && k.elem_count() > 0
-        && matches!(q.dtype(), DType::F32 | DType::BF16)
+        && crate::device::kernel_dtype(q.dtype())
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
         && bk == b

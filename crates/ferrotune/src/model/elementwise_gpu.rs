@@ -14,7 +14,7 @@
 //! check these ops' graphs, shapes and gradients against the composed reference (the kernels'
 //! own arithmetic is checked under emulation, tests/integration/cuda_emulation.rs).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
 use super::fused::{f32_values, stored_like};
 use super::fused_rope::Rotary;
@@ -22,7 +22,7 @@ use super::fused_swiglu::Swiglu as CpuSwiglu;
 use crate::error::Result;
 
 fn kernel_type(t: &Tensor) -> bool {
-    matches!(t.dtype(), DType::F32 | DType::BF16)
+    crate::device::kernel_dtype(t.dtype())
 }
 
 /// Whether [`swiglu`] takes these: one shape, not empty, one f32 or bf16 type.
@@ -282,7 +282,7 @@ mod tests {
     use super::super::ops;
     use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random};
     use super::*;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     #[test]
     fn swiglu_matches_the_composed_values_and_gradients() {

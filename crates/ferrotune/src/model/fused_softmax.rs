@@ -226,12 +226,7 @@ pub(crate) fn masked_softmax_values(scores: &Tensor, mask: &Tensor, scale: f64) 
 /// `scale · p ⊙ (g − Σ_row p ⊙ g)`, by the kernels where [`masked_softmax`] has them.
 pub(crate) fn masked_softmax_grad(probs: &Tensor, grad: &Tensor, scale: f64) -> Result<Tensor> {
     let (_, _, _, s) = probs.dims4()?;
-    let f32_cpu = probs.device().is_cpu() && probs.dtype() == DType::F32;
-    let cuda = crate::device::own_cuda_kernels(probs.device())
-        && probs.device().is_cuda()
-        && probs.elem_count() > 0
-        && matches!(probs.dtype(), DType::F32 | DType::BF16);
-    if (f32_cpu || cuda) && grad.dtype() == probs.dtype() && grad.dims() == probs.dims() {
+    if kernels_take(probs) && grad.dtype() == probs.dtype() && grad.dims() == probs.dims() {
         let op = MaskedSoftmaxGrad(MaskedSoftmax {
             scale: scale as f32,
             heads: 1,
@@ -247,6 +242,16 @@ pub(crate) fn masked_softmax_grad(probs: &Tensor, grad: &Tensor, scale: f64) -> 
     Ok((probs * grad.broadcast_sub(&dot)?)?.affine(scale, 0.0)?)
 }
 
+/// Whether the op's kernels take `t`: f32 on the CPU, f32 or bf16 through cuda/kernels.cu on a
+/// GPU.
+fn kernels_take(t: &Tensor) -> bool {
+    if t.device().is_cpu() {
+        t.dtype() == DType::F32
+    } else {
+        t.device().is_cuda() && crate::device::own_kernels_for(t)
+    }
+}
+
 /// The fused op for these scores and the mask in their type, or `None` where the composed ops
 /// run (bf16 on the CPU, other devices, f16).
 fn kernel(
@@ -255,14 +260,9 @@ fn kernel(
     scale: f64,
     bf16: bool,
 ) -> Result<Option<(MaskedSoftmax, Tensor)>> {
-    let on_cpu = scores.device().is_cpu() && mask.device().is_cpu();
-    let f32_cpu = on_cpu && scores.dtype() == DType::F32 && mask.dtype() == DType::F32;
-    // cuda/kernels.cu's kernels: f32 or bf16 scores, the mask in the same type.
-    let cuda = crate::device::own_cuda_kernels(scores.device())
-        && scores.device().is_cuda()
-        && scores.elem_count() > 0
-        && matches!(scores.dtype(), DType::F32 | DType::BF16);
-    if !f32_cpu && !cuda {
+    // On a GPU the mask is converted to the scores' type below; the CPU kernel reads f32 only.
+    let cpu_mask_fits = mask.device().is_cpu() && mask.dtype() == DType::F32;
+    if !kernels_take(scores) || (scores.device().is_cpu() && !cpu_mask_fits) {
         return Ok(None);
     }
     let mask = mask.to_dtype(scores.dtype())?.contiguous()?;

@@ -12,7 +12,7 @@
 //! this op's graph, shapes and gradients against the composed reference (the kernels' own
 //! arithmetic is checked under emulation, tests/integration/cuda_emulation.rs).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor, D};
 
 use super::fused::{f32_values, stored_like, RmsNorm};
 use crate::error::Result;
@@ -33,7 +33,7 @@ pub const MAX_HIDDEN: usize = 8192;
 pub fn fits(x: &Tensor, weight: &Tensor) -> bool {
     let h = x.dim(D::Minus1).unwrap_or(0);
     x.elem_count() > 0
-        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && crate::device::kernel_dtype(x.dtype())
         && weight.dtype() == x.dtype()
         && weight.dims() == [h]
         && (1..=MAX_HIDDEN).contains(&h)
@@ -193,7 +193,7 @@ mod tests {
     use super::super::ops;
     use super::super::test_tensors::{assert_same_gradients, max_abs_diff, random};
     use super::*;
-    use candle_core::Var;
+    use candle_core::{DType, Var};
 
     /// More rows than one weight-gradient block (with a remainder), a row wider than a CUDA
     /// block's 256 threads: values and both gradients against the composed ops, in f32.

@@ -20,9 +20,7 @@ use crate::model::ops::log_softmax_last_dim;
 /// On a GPU this is one op each way ([`crate::model::token_logprob`]); elsewhere the composed
 /// ops of [`token_logprobs_composed`].
 pub fn token_logprobs(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
-    let kernel_types =
-        matches!(logits.dtype(), DType::F32 | DType::BF16) && logits.elem_count() > 0;
-    if crate::device::own_cuda_kernels(logits.device()) && kernel_types {
+    if crate::device::own_kernels_for(logits) {
         return crate::model::token_logprob::token_logprobs(logits, input_ids);
     }
     token_logprobs_composed(logits, input_ids)
