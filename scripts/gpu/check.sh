@@ -10,6 +10,9 @@
 #      with candle's composed ops only, FERROTUNE_CUDA_KERNELS=0, for what the kernels gain);
 #   4. batched greedy decode at batch 32, ferrotune and HF `generate`.
 # Everything is printed and also written to ${OUT:-target/gpu-check}/gpu-check.json.
+# CONTRACTS gives the check at most 4–5 minutes, so a rerun fits in a session's 15 minutes of
+# device time: every step's timeout is cut to what is left of CHECK_BUDGET_S (default 285 s)
+# after the time the later steps keep for themselves.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-target/gpu-check}
@@ -18,6 +21,13 @@ mkdir -p "$OUT"
 SEQ=${SEQ_LEN:-2048}
 LOG=$OUT/gpu-check.log
 exec > >(tee "$LOG") 2>&1
+BUDGET=${CHECK_BUDGET_S:-285}
+# `cap N KEEP`: N seconds, or less so that KEEP seconds of the budget stay for what follows
+# (at least 5, so a step that has lost its time fails fast instead of being skipped unseen).
+cap() {
+  local left=$((BUDGET - SECONDS - ${2:-0}))
+  [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 $BIN --version || { echo "check.sh: $BIN does not start (missing libraries?)"; ldd "$BIN" | grep 'not found'; exit 1; }
@@ -29,10 +39,11 @@ mkdir -p "$results"
 
 echo "== 1. CUDA vs CPU logits on the fixtures"
 for m in qwen2-tiny llama-tiny llama-linear; do
+  FERROTUNE_DEVICE=cpu $BIN score --model tests/fixtures/$m --text-file tests/fixtures/hello.txt \
+    --precision f32 --json >"$results/score-$m-cpu.json"
   for prec in f32 bf16; do
-    FERROTUNE_DEVICE=cpu $BIN score --model tests/fixtures/$m --text-file tests/fixtures/hello.txt \
-      --precision f32 --json >"$results/score-$m-cpu.json"
-    FERROTUNE_DEVICE=cuda $BIN score --model tests/fixtures/$m --text-file tests/fixtures/hello.txt \
+    FERROTUNE_DEVICE=cuda timeout $(cap 30 230) $BIN score --model tests/fixtures/$m \
+      --text-file tests/fixtures/hello.txt \
       --precision $prec --json >"$results/score-$m-cuda-$prec.json"
   done
 done
@@ -64,7 +75,7 @@ for obj in sft dpo; do
   for run in cpu-f32 cuda-f32 composed-f32 cuda-bf16; do
     dev=${run%-*}; kernels=1
     [ $dev = composed ] && { dev=cuda; kernels=0; }
-    FERROTUNE_DEVICE=$dev FERROTUNE_CUDA_KERNELS=$kernels timeout 40 $BIN $obj --model $TINY \
+    FERROTUNE_DEVICE=$dev FERROTUNE_CUDA_KERNELS=$kernels timeout $(cap 40 190) $BIN $obj --model $TINY \
       --data $data --output-dir "$results/$obj-$run" --max-steps 4 --batch-size 2 \
       --max-length 128 --precision ${run#*-} --lr 1e-3 --seed 0 >"$results/$obj-$run.log" 2>&1 \
       || { echo "$obj $run failed:"; tail -5 "$results/$obj-$run.log"; }
@@ -100,7 +111,7 @@ json.dump(out, open(os.path.join(d, "train-parity.json"), "w"))
 PYEOF
 
 echo "== 2. bf16 matmul peak"
-$PY scripts/gpu/torch_gpu.py peak | tee "$results/peak.json"
+timeout $(cap 30 170) $PY scripts/gpu/torch_gpu.py peak | tee "$results/peak.json"
 
 echo "== 3. SFT step, Qwen2.5-0.5B shape, seq $SEQ"
 MODEL=/tmp/ferrotune-qwen05
@@ -115,30 +126,30 @@ if ! $PY -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["kernel
   export FERROTUNE_CUDA_KERNELS=0
 fi
 for b in ${FERROTUNE_BATCHES:-8 4 2 1}; do
-  if timeout 120 $BIN bench train --model $MODEL --batch-size $b --seq-len $SEQ --steps 3 \
+  if timeout $(cap 90 110) $BIN bench train --model $MODEL --batch-size $b --seq-len $SEQ --steps 3 \
       --precision bf16 >"$results/ferrotune-train.json" 2>"$results/ferrotune-train.err"; then
     cat "$results/ferrotune-train.json"; break
   fi
   echo "ferrotune batch $b failed: $(tail -c 300 "$results/ferrotune-train.err")"
 done
 # The composed ops alone (candle's kernels only), at the batch the 2026-11-27 run fitted, when
-# there is time for it (PyTorch and decoding below need about three minutes).
-if [ "${FERROTUNE_CUDA_KERNELS:-1}" != 0 ] && [ $SECONDS -lt 270 ]; then
-  if FERROTUNE_CUDA_KERNELS=0 timeout 80 $BIN bench train --model $MODEL --batch-size 2 \
+# there is time for it beside what PyTorch and decoding below keep.
+if [ "${FERROTUNE_CUDA_KERNELS:-1}" != 0 ] && [ $((BUDGET - SECONDS)) -gt 150 ]; then
+  if FERROTUNE_CUDA_KERNELS=0 timeout $(cap 40 110) $BIN bench train --model $MODEL --batch-size 2 \
       --seq-len $SEQ --steps 2 --precision bf16 >"$results/ferrotune-train-composed.json" 2>/dev/null; then
     cat "$results/ferrotune-train-composed.json"
   fi
 fi
-timeout 200 $PY scripts/gpu/torch_gpu.py train --seq-len $SEQ --batches ${TORCH_BATCHES:-16,8,4,2} \
+timeout $(cap 100 50) $PY scripts/gpu/torch_gpu.py train --seq-len $SEQ --batches ${TORCH_BATCHES:-16,8,4,2} \
   | tee "$results/torch-train.json"
 
 echo "== 4. decode, batch 32"
-timeout 90 $BIN bench decode --model $MODEL --batch-size 32 --prompt-len 32 --new-tokens 64 \
+timeout $(cap 40 25) $BIN bench decode --model $MODEL --batch-size 32 --prompt-len 32 --new-tokens 64 \
   --precision bf16 | tee "$results/ferrotune-decode.json"
-timeout 90 $PY scripts/gpu/torch_gpu.py decode --batch 32 --prompt-len 32 --new-tokens 64 \
+timeout $(cap 40 5) $PY scripts/gpu/torch_gpu.py decode --batch 32 --prompt-len 32 --new-tokens 64 \
   | tee "$results/torch-decode.json"
 
-$PY - "$results" "$OUT/gpu-check.json" <<'PYEOF'
+CHECK_SECONDS=$SECONDS $PY - "$results" "$OUT/gpu-check.json" <<'PYEOF'
 import json, sys, os
 d = sys.argv[1]
 def load(name):
@@ -151,10 +162,16 @@ r = {k: load(k + ".json") for k in ["parity", "train-parity", "peak", "ferrotune
                                       "ferrotune-decode", "torch-decode"]}
 peak = r["peak"].get("bf16_matmul_tflops")
 r["own_cuda_kernels"] = os.environ.get("FERROTUNE_CUDA_KERNELS", "1") != "0"
+# CONTRACTS' MFU: 6 · (parameters in products, the tied head once, no embedding lookup) · tok/s
+# over the measured bf16 matmul peak; the same count for both sides (the same shape).
+n = next((r[k]["matmul_parameters"] for k in ["ferrotune-train", "torch-train"]
+          if "matmul_parameters" in r[k]), None)
+r["matmul_parameters"] = n
 for k in ["ferrotune-train", "ferrotune-train-composed", "torch-train"]:
     t = r[k]
-    if "tokens_per_s" in t and peak:
-        t["mfu"] = 6 * t["num_parameters"] * t["tokens_per_s"] / (peak * 1e12)
+    if "tokens_per_s" in t and peak and n:
+        t["mfu"] = 6 * n * t["tokens_per_s"] / (peak * 1e12)
+r["seconds"] = int(os.environ.get("CHECK_SECONDS", "0")) or None
 def ratio(a, b):
     try:
         return r[a]["tokens_per_s"] / r[b]["tokens_per_s"]
@@ -173,7 +190,7 @@ print(json.dumps({"device": r["peak"].get("device"), "peak_tflops": peak,
                   "torch_mfu": r["torch-train"].get("mfu"), "train_ratio": r["train_ratio"],
                   "ferrotune_decode_tok_s": r["ferrotune-decode"].get("tokens_per_s"),
                   "torch_decode_tok_s": r["torch-decode"].get("tokens_per_s"),
-                  "decode_ratio": r["decode_ratio"],
+                  "decode_ratio": r["decode_ratio"], "check_seconds": r["seconds"],
                   "parity_ok": all(v.get("ok") for v in r["parity"].values()) if "error" not in r["parity"] else False,
                   "train_parity": {k: v.get("ok") if isinstance(v, dict) else v
                                    for k, v in r["train-parity"].items()}}))

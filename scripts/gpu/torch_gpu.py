@@ -49,6 +49,9 @@ def peak():
 def train(seq_len, batches, steps):
     m = model(torch.float32)
     n_params = sum(p.numel() for p in m.parameters())
+    # CONTRACTS' MFU count: the weights of the products (every nn.Linear, the tied lm_head once),
+    # not the embedding lookup, biases or norms.
+    n_matmul = sum(mod.weight.numel() for mod in m.modules() if isinstance(mod, torch.nn.Linear))
     opt = torch.optim.AdamW(m.parameters(), lr=1e-5)
     for b in batches:
         try:
@@ -68,6 +71,7 @@ def train(seq_len, batches, steps):
             s = timed(step, steps)
             return {"batch_size": b, "seq_len": seq_len, "step_seconds_median": s,
                     "tokens_per_s": b * seq_len / s, "num_parameters": n_params,
+                    "matmul_parameters": n_matmul,
                     "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2 ** 20,
                     "torch": torch.__version__}
         except torch.OutOfMemoryError:

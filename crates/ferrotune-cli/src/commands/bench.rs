@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use ferrotune::data::{TokenizedPair, TokenizedSequence};
 use ferrotune::infer::sampler::argmax_rows;
 use ferrotune::io::checkpoint::parse_dtype;
-use ferrotune::model::{num_parameters, KvCache, LogitsAt};
+use ferrotune::model::{matmul_parameters, num_parameters, KvCache, LogitsAt};
 use ferrotune::train::config::{Objective, TrainConfig};
 use ferrotune::train::trainer::{time_steps_with_phases, Examples};
 use rand::{Rng, SeedableRng};
@@ -139,6 +139,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
     let model = ferrotune::io::load_model(&a.model, DType::F32, &device)?;
     let vocab = model.decoder.config().vocab_size;
     let params = num_parameters(model.decoder.config());
+    let matmul_params = matmul_parameters(model.decoder.config());
     let objective = match a.objective.as_str() {
         "sft" => Objective::Sft,
         "dpo" => Objective::Dpo,
@@ -199,6 +200,7 @@ fn train(a: TrainArgs) -> anyhow::Result<()> {
         "batch_size": a.batch_size,
         "seq_len": a.seq_len,
         "num_parameters": params,
+        "matmul_parameters": matmul_params,
     }));
     Ok(())
 }

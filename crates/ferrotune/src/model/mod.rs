@@ -31,4 +31,4 @@ pub mod token_logprob;
 pub use config::{Family, Head, ModelConfig, RopeScaling};
 pub use decoder::{Decoder, LogitsAt};
 pub use kv_cache::KvCache;
-pub use params::{num_parameters, parameter_specs, ParamKind, ParamSpec};
+pub use params::{matmul_parameters, num_parameters, parameter_specs, ParamKind, ParamSpec};

@@ -129,3 +129,46 @@ pub fn num_parameters(c: &ModelConfig) -> usize {
         .map(|s| s.shape.iter().product::<usize>())
         .sum()
 }
+
+/// The parameters that take part in matrix products, as CONTRACTS' MFU counts them: every
+/// projection and the output head (a tied embedding counts once, as the head), not the
+/// embedding lookup, biases or norms.
+pub fn matmul_parameters(c: &ModelConfig) -> usize {
+    let tied_head = c.head == Head::CausalLm && c.tie_word_embeddings;
+    parameter_specs(c)
+        .iter()
+        .filter(|s| s.kind == ParamKind::Matrix || (tied_head && s.kind == ParamKind::Embedding))
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn bench_config(shape: &str) -> ModelConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("../../scripts/bench/configs/{shape}.json"));
+        ModelConfig::from_file(&path).unwrap()
+    }
+
+    /// Qwen2.5-0.5B's counts by hand: 24 layers of q (896²), k and v (2 · 128 · 896), o (896²)
+    /// and the MLP (3 · 4864 · 896), plus the tied 151,936 × 896 head; HF's total adds the
+    /// q/k/v biases (896 + 2 · 128) and two norms (2 · 896) per layer and the final norm.
+    #[test]
+    fn the_mfu_count_keeps_the_products_and_one_head() {
+        let c = bench_config("qwen05");
+        let per_layer = 896 * 896 + 2 * 128 * 896 + 896 * 896 + 3 * 4864 * 896;
+        let head = 151_936 * 896;
+        assert_eq!(matmul_parameters(&c), 24 * per_layer + head);
+        let extras = 24 * ((896 + 2 * 128) + 2 * 896) + 896;
+        assert_eq!(num_parameters(&c), 24 * per_layer + head + extras);
+        assert_eq!(num_parameters(&c), 494_032_768);
+        // An untied head is its own matrix, and the lookup table is still not a product.
+        let mut untied = c.clone();
+        untied.tie_word_embeddings = false;
+        assert_eq!(matmul_parameters(&untied), matmul_parameters(&c));
+        assert_eq!(num_parameters(&untied), num_parameters(&c) + head);
+    }
+}
