@@ -8,6 +8,7 @@
 //   - AdamW's moment and weight updates, in place;
 //   - RMSNorm forward and backward (f32 statistics, as HF computes them, also for bf16);
 //   - SwiGLU and the rotary embedding, forward and backward, elementwise;
+//   - the embedding table's gradient, one thread per (token, column) summing in order;
 //   - greedy decoding's argmax per row (the first maximum, as torch.argmax and the CPU pick
 //     it), so only the token ids cross to the host, not the [batch, vocab] logits.
 // Math is f32 whatever the storage type (f32 or bf16). Reductions go through shared memory and
@@ -299,6 +300,26 @@ __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
   if (threadIdx.x == 0) out[blockIdx.x] = best_index[0] < cols ? best_index[0] : 0;
 }
 
+// The embedding table's gradient, deterministic and without atomics. Segment s holds the
+// positions order[starts[s]] .. order[starts[s + 1] - 1] (increasing) that looked up token
+// ids[s]; the thread of pair i = (s, column c) sums column c of their gradient rows in f32, in
+// that order, and writes the sum to row ids[s] of `out`, which the caller zeroed (the rows of
+// tokens no position looked up stay zero). These are the sums, in the order, of candle's CPU
+// index_add; candle's CUDA one walks all positions in one thread per column.
+template <typename T>
+__device__ void embedding_bwd(const T* grad, const uint32_t* order, const uint32_t* starts,
+                              const uint32_t* ids, T* out, int64_t pairs, int64_t width) {
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < pairs;
+       i += (int64_t)blockDim.x * gridDim.x) {
+    const int64_t s = i / width;
+    const int64_t c = i - s * width;
+    float acc = 0.0f;
+    for (uint32_t k = starts[s]; k < starts[s + 1]; ++k)
+      acc += load(grad, (int64_t)order[k] * width + c);
+    store(out, (int64_t)ids[s] * width + c, acc);
+  }
+}
+
 #define ROW_KERNELS(NAME, T)                                                                \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) masked_softmax_fwd_##NAME(    \
       const T* scores, const T* mask, T* probs, int heads, int queries, int keys,           \
@@ -339,6 +360,11 @@ __device__ void argmax_rows(const T* x, uint32_t* out, int cols) {
     else                                                                                    \
       rope_pairs<T, int64_t>(x, cos, sin, y, heads, positions, dim, pairs, sb, sh, st,      \
                              transpose != 0);                                               \
+  }                                                                                         \
+  extern "C" __global__ void embedding_bwd_##NAME(const T* grad, const uint32_t* order,     \
+                                                  const uint32_t* starts, const uint32_t* ids, \
+                                                  T* out, int64_t pairs, int64_t width) {   \
+    embedding_bwd<T>(grad, order, starts, ids, out, pairs, width);                          \
   }                                                                                         \
   extern "C" __global__ void __launch_bounds__(SOFTMAX_BLOCK) rms_norm_fwd_##NAME(          \
       const T* x, const T* w, T* y, int hidden, float eps) {                                \

@@ -342,6 +342,46 @@ static void swiglu_rope_case(const char* name, double rel) {
   printf("ok swiglu_rope_%s\n", name);
 }
 
+// Positions grouped by token as the host groups them (tokens increasing, positions increasing
+// within a token): token 3 is looked up by many positions, token 7 once, most tokens never.
+template <typename T>
+static void embedding_case(const char* name, double rel) {
+  const int N = 40, V = 12, W = 300;
+  std::vector<uint32_t> tokens(N);
+  for (int p = 0; p < N; ++p) tokens[p] = p % 3 == 0 ? 3 : (p == 17 ? 7 : 9 + p % 2);
+  std::vector<uint32_t> ids, starts, order;
+  for (uint32_t tok = 0; tok < (uint32_t)V; ++tok) {
+    size_t before = order.size();
+    for (int p = 0; p < N; ++p)
+      if (tokens[p] == tok) order.push_back(p);
+    if (order.size() > before) ids.push_back(tok), starts.push_back(before);
+  }
+  starts.push_back(order.size());
+  auto g = Buf<T>(uniform((size_t)N * W, -1.0f, 1.0f));
+  Buf<T> out((size_t)V * W);
+  const int64_t pairs = (int64_t)ids.size() * W;
+  // Fewer threads than pairs, so the grid-stride loop wraps.
+  emulate_launch(3, 64, [&] {
+    if (sizeof(T) == 4)
+      embedding_bwd_f32((const float*)g.data.data(), order.data(), starts.data(), ids.data(),
+                        (float*)out.data.data(), pairs, W);
+    else
+      embedding_bwd_bf16((const __nv_bfloat16*)g.data.data(), order.data(), starts.data(),
+                         ids.data(), (__nv_bfloat16*)out.data.data(), pairs, W);
+  });
+  for (int v = 0; v < V; ++v)
+    for (int c = 0; c < W; ++c) {
+      double want = 0, size = 0;
+      for (int p = 0; p < N; ++p)
+        if (tokens[p] == (uint32_t)v) {
+          want += g.at((size_t)p * W + c);
+          size += fabs(g.at((size_t)p * W + c));
+        }
+      check("embedding_bwd", out.at((size_t)v * W + c), want, rel * fabs(want) + 1e-6 * size);
+    }
+  printf("ok embedding_bwd_%s\n", name);
+}
+
 static void adamw_case() {
   const long n = 5000;
   auto g = uniform(n, -1.0f, 1.0f), m = uniform(n, -0.1f, 0.1f), v = uniform(n, 0.0f, 0.01f),
@@ -377,6 +417,8 @@ int main() {
   swiglu_rope_case<__nv_bfloat16>("bf16", 1.0 / 128);
   argmax_case<float>("f32");
   argmax_case<__nv_bfloat16>("bf16");
+  embedding_case<float>("f32", 1e-6);
+  embedding_case<__nv_bfloat16>("bf16", 1.0 / 256);
   adamw_case();
   return 0;
 }

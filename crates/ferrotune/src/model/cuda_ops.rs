@@ -2,8 +2,8 @@
 //! passes of [`super::fused_softmax`]'s masked softmax and its backward, of
 //! [`super::token_logprob`]'s next-token log-probability and its backward, of the optimizer's
 //! in-place AdamW updates, of [`super::rms_norm_gpu`]'s RMSNorm and [`super::elementwise_gpu`]'s
-//! SwiGLU and rotary embedding each way, and of greedy decoding's argmax
-//! (`infer::sampler::argmax_rows`).
+//! SwiGLU and rotary embedding each way, of [`super::embedding_gpu`]'s table gradient, and of
+//! greedy decoding's argmax (`infer::sampler::argmax_rows`).
 //!
 //! Every function checks its sizes, takes contiguous storages (the rotary's input may be
 //! strided) and returns a fresh one. The kernels' arithmetic is tested on the CPU under
@@ -452,6 +452,51 @@ pub fn rope(
         b.arg(&sb).arg(&sh).arg(&st).arg(&transpose).arg(&small);
         // SAFETY: argument types and order are those of rope_* in kernels.cu.
         unsafe { b.launch(elementwise(n / 2)) }.w()?;
+        Ok(T::wrap_cuda_slice(out, dev.clone()))
+    })
+}
+
+/// The embedding table's gradient [vocab, width] from the lookup's gradient [N, width] (f32 or
+/// bf16, the table's type): `segments` are the positions grouped by token
+/// ([`super::embedding_gpu::Segments`]); rows of tokens no position looked up are zero.
+pub fn embedding_bwd(
+    (grad, gl): (&CudaStorage, &Layout),
+    (ids, starts, order): (&[u32], &[u32], &[u32]),
+    (vocab, width): (usize, usize),
+) -> Result<CudaStorage> {
+    let n = gl.shape().elem_count();
+    check(
+        width > 0
+            && n == order.len() * width
+            && starts.len() == ids.len() + 1
+            && starts
+                .last()
+                .is_some_and(|&end| end as usize == order.len())
+            && starts.windows(2).all(|w| w[0] <= w[1])
+            && ids.iter().all(|&id| (id as usize) < vocab)
+            && order.iter().all(|&p| (p as usize) < order.len()),
+        || format!("embedding backward: {n} gradients in rows of {width}, segments do not fit"),
+    )?;
+    let dev = grad.device();
+    by_type!(grad.dtype(), "embedding_bwd", |T, name| {
+        let g = view::<T>(grad, gl, "embedding gradient")?;
+        let (ids, starts, order) = (
+            dev.clone_htod(ids)?,
+            dev.clone_htod(starts)?,
+            dev.clone_htod(order)?,
+        );
+        let mut out = dev.alloc_zeros::<T>(vocab * width)?;
+        let pairs = ((starts.len() - 1) * width) as i64;
+        let w = width as i64;
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&g).arg(&order).arg(&starts).arg(&ids).arg(&mut out);
+        b.arg(&pairs).arg(&w);
+        // SAFETY: argument types and order are those of embedding_bwd_* in kernels.cu; every
+        // index the kernel reads was checked above.
+        if pairs > 0 {
+            unsafe { b.launch(elementwise(pairs as usize)) }.w()?;
+        }
         Ok(T::wrap_cuda_slice(out, dev.clone()))
     })
 }

@@ -10,6 +10,7 @@ pub mod config;
 pub(crate) mod cuda_ops;
 pub mod decoder;
 pub mod elementwise_gpu;
+pub mod embedding_gpu;
 pub mod fast_exp;
 pub mod fused;
 pub mod fused_attention;

@@ -46,6 +46,8 @@ fn cuda_kernels_match_the_reference_under_cpu_emulation() {
         "swiglu_rope_bf16",
         "argmax_rows_f32",
         "argmax_rows_bf16",
+        "embedding_bwd_f32",
+        "embedding_bwd_bf16",
         "adamw_moment_f32 adamw_apply_f32",
     ] {
         assert!(
