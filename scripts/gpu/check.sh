@@ -3,7 +3,8 @@
 # no Rust, no internet), from the repository root, with target/gpu/ built by scripts/gpu/build.sh:
 #   1. CUDA logits against CPU logits on the fixture models (same binary, FERROTUNE_DEVICE);
 #   1b. CUDA training steps (SFT and DPO, f32 and bf16) against CPU ones: gradients, updates
-#      and ferrotune's own CUDA kernels (cuda/kernels.cu);
+#      and ferrotune's own CUDA kernels (cuda/kernels.cu), and if those disagree, which group of
+#      them does (the benchmarks then run without it);
 #   2. the bf16 matmul peak that MFU is measured against;
 #   3. the SFT step of the Qwen2.5-0.5B shape at seq 2048, largest batch that fits, ferrotune and
 #      PyTorch + transformers on the same GPU, with tokens/s, MFU and the ratio (and ferrotune
@@ -62,53 +63,54 @@ json.dump(out, open(os.path.join(d, "parity.json"), "w"))
 PYEOF
 
 echo "== 1b. CUDA vs CPU training steps (gradients, the CUDA kernels of cuda/kernels.cu, AdamW)"
-# Same random model, data and seed everywhere: step 1's loss checks the forward, its gradient
-# norm the backward, later losses the updates. The CPU runs its own fused kernels, so this
-# compares independent implementations: CUDA f32 with our kernels, and with candle's composed ops
-# only (FERROTUNE_CUDA_KERNELS=0), each against the CPU within 1e-3 (relative); CUDA bf16 against
-# the CPU's f32 within 5 %.
+# Same random model, data and seed everywhere (scripts/gpu/train_parity.py compares them). The
+# CPU runs its own fused kernels, so this compares independent implementations: CUDA f32 with our
+# kernels, and with candle's composed ops only (FERROTUNE_CUDA_KERNELS=0), each against the CPU
+# within 1e-3 (relative); CUDA bf16 against the CPU's f32 within 5 %.
 TINY=/tmp/ferrotune-tiny
 [ -d $TINY ] || $BIN init-model --config scripts/bench/configs/tiny.json \
   --tokenizer tests/fixtures/tokenizer --out $TINY --seed 0 --dtype f32 >/dev/null
+# `train_run NAME OBJECTIVE DEVICE KERNELS PRECISION`: 4 steps into $results/NAME.
+train_run() {
+  local data=tests/fixtures/data/chat.jsonl
+  [ $2 = dpo ] && data=tests/fixtures/data/preference.jsonl
+  FERROTUNE_DEVICE=$3 FERROTUNE_CUDA_KERNELS=$4 timeout $(cap 40 190) $BIN $2 --model $TINY \
+    --data $data --output-dir "$results/$1" --max-steps 4 --batch-size 2 --max-length 128 \
+    --precision $5 --lr 1e-3 --seed 0 >"$results/$1.log" 2>&1 \
+    || { echo "$1 failed:"; tail -5 "$results/$1.log"; }
+}
 for obj in sft dpo; do
-  data=tests/fixtures/data/chat.jsonl; [ $obj = dpo ] && data=tests/fixtures/data/preference.jsonl
-  for run in cpu-f32 cuda-f32 composed-f32 cuda-bf16; do
-    dev=${run%-*}; kernels=1
-    [ $dev = composed ] && { dev=cuda; kernels=0; }
-    FERROTUNE_DEVICE=$dev FERROTUNE_CUDA_KERNELS=$kernels timeout $(cap 40 190) $BIN $obj --model $TINY \
-      --data $data --output-dir "$results/$obj-$run" --max-steps 4 --batch-size 2 \
-      --max-length 128 --precision ${run#*-} --lr 1e-3 --seed 0 >"$results/$obj-$run.log" 2>&1 \
-      || { echo "$obj $run failed:"; tail -5 "$results/$obj-$run.log"; }
-  done
+  train_run $obj-cpu-f32 $obj cpu 1 f32
+  train_run $obj-cuda-f32 $obj cuda 1 f32
+  train_run $obj-composed-f32 $obj cuda 0 f32
+  train_run $obj-cuda-bf16 $obj cuda 1 bf16
 done
-$PY - "$results" <<'PYEOF'
-import json, sys, os
-d = sys.argv[1]; out = {}
-def steps(name):
-    try:
-        rows = [json.loads(l) for l in open(os.path.join(d, name, "metrics.jsonl"))]
-    except Exception:
-        return None
-    return [r for r in rows if r.get("split") == "train"]
-for obj in ["sft", "dpo"]:
-    cpu = steps(f"{obj}-cpu-f32")
-    for run, tol in [("cuda-f32", 1e-3), ("composed-f32", 1e-3), ("cuda-bf16", 0.05)]:
-        gpu = steps(f"{obj}-{run}")
-        if not cpu or not gpu:
-            out[f"{obj}/{run}"] = {"ok": False, "error": "run failed"}
-            continue
-        worst = 0.0
-        for a, b in zip(cpu, gpu):
-            for k in ["loss", "grad_norm"]:
-                worst = max(worst, abs(a[k] - b[k]) / max(abs(a[k]), 1e-6))
-        out[f"{obj}/{run}"] = {"steps": len(gpu), "max_rel_diff": worst, "tolerance": tol,
-                               "ok": worst <= tol and len(gpu) == len(cpu)}
-# Our kernels are at fault when the composed ops agree with the CPU and they do not.
-ok = lambda k: out.get(k, {}).get("ok", False)
-out["kernels_ok"] = not any(ok(f"{o}/composed-f32") and not ok(f"{o}/cuda-f32") for o in ["sft", "dpo"])
-print(json.dumps(out))
-json.dump(out, open(os.path.join(d, "train-parity.json"), "w"))
-PYEOF
+$PY scripts/gpu/train_parity.py "$results"
+# If our kernels disagree where candle's composed ops agree, find the kernel group at fault: the
+# first failing objective again with one group off at a time, the newest first (FERROTUNE_CUDA_KERNELS=-NAME,
+# crates/ferrotune/src/device.rs). The benchmarks below then run without the groups whose
+# absence makes it agree (the rest of our kernels still on), checked on the other failing
+# objective too; with all of them off (0) when no single group explains it.
+failing=$($PY -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["kernels_failing"]))' \
+  "$results/train-parity.json")
+if [ -n "$failing" ]; then
+  first=${failing%% *}
+  off=""
+  for g in embedding attention rms_norm rope logprob softmax swiglu adamw; do
+    [ $((BUDGET - SECONDS)) -gt 150 ] || { echo "no time left to look further"; break; }
+    train_run $first-without-$g $first cuda -$g f32
+    $PY scripts/gpu/train_parity.py "$results" --run $first-without-$g --objective $first \
+      && off="$off,-$g"
+  done
+  off=${off#,}
+  for obj in ${failing#$first}; do
+    [ -n "$off" ] || break
+    train_run $obj-without-kernels $obj cuda "$off" f32
+    $PY scripts/gpu/train_parity.py "$results" --run $obj-without-kernels --objective $obj || off=""
+  done
+  export FERROTUNE_CUDA_KERNELS=${off:-0}
+  echo "our CUDA kernels disagree with the CPU: benchmarking with FERROTUNE_CUDA_KERNELS=$FERROTUNE_CUDA_KERNELS"
+fi
 
 echo "== 2. bf16 matmul peak"
 timeout $(cap 30 170) $PY scripts/gpu/torch_gpu.py peak | tee "$results/peak.json"
@@ -117,14 +119,8 @@ echo "== 3. SFT step, Qwen2.5-0.5B shape, seq $SEQ"
 MODEL=/tmp/ferrotune-qwen05
 [ -d $MODEL ] || $BIN init-model --config scripts/bench/configs/qwen05.json \
   --tokenizer tests/fixtures/tokenizer --out $MODEL --seed 0 --dtype f32 >/dev/null
-# If our kernels disagreed with the CPU where candle's composed ops agreed (1b), time the
-# composed ops instead (FERROTUNE_CUDA_KERNELS=0, also for decoding) rather than a wrong kernel;
-# the summary says which ran.
-if ! $PY -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["kernels_ok"] else 1)' \
-    "$results/train-parity.json"; then
-  echo "our CUDA kernels disagree with the CPU: benchmarking with FERROTUNE_CUDA_KERNELS=0"
-  export FERROTUNE_CUDA_KERNELS=0
-fi
+# FERROTUNE_CUDA_KERNELS is what 1b left: unset (all our kernels), or without the groups that
+# disagreed with the CPU (also for decoding); the summary says which.
 for b in ${FERROTUNE_BATCHES:-8 4 2 1}; do
   if timeout $(cap 90 110) $BIN bench train --model $MODEL --batch-size $b --seq-len $SEQ --steps 3 \
       --precision bf16 >"$results/ferrotune-train.json" 2>"$results/ferrotune-train.err"; then
@@ -161,7 +157,7 @@ r = {k: load(k + ".json") for k in ["parity", "train-parity", "peak", "ferrotune
                                       "ferrotune-train-composed", "torch-train",
                                       "ferrotune-decode", "torch-decode"]}
 peak = r["peak"].get("bf16_matmul_tflops")
-r["own_cuda_kernels"] = os.environ.get("FERROTUNE_CUDA_KERNELS", "1") != "0"
+r["cuda_kernels"] = os.environ.get("FERROTUNE_CUDA_KERNELS", "1")
 # CONTRACTS' MFU: 6 · (parameters in products, the tied head once, no embedding lookup) · tok/s
 # over the measured bf16 matmul peak; the same count for both sides (the same shape).
 n = next((r[k]["matmul_parameters"] for k in ["ferrotune-train", "torch-train"]
@@ -184,7 +180,7 @@ print(json.dumps({"device": r["peak"].get("device"), "peak_tflops": peak,
                   "ferrotune_train_tok_s": r["ferrotune-train"].get("tokens_per_s"),
                   "ferrotune_mfu": r["ferrotune-train"].get("mfu"),
                   "ferrotune_batch": r["ferrotune-train"].get("batch_size"),
-                  "own_cuda_kernels": r["own_cuda_kernels"],
+                  "cuda_kernels": r["cuda_kernels"],
                   "composed_train_tok_s": r["ferrotune-train-composed"].get("tokens_per_s"),
                   "torch_train_tok_s": r["torch-train"].get("tokens_per_s"),
                   "torch_mfu": r["torch-train"].get("mfu"), "train_ratio": r["train_ratio"],

@@ -22,7 +22,10 @@ pub enum Choice {
 }
 
 /// The variable that turns ferrotune's own CUDA kernels (cuda/kernels.cu) off: `0` runs the
-/// composed candle ops in their place (a fallback, and the baseline the GPU check compares).
+/// composed candle ops in place of all of them (a fallback, and the baseline the GPU check
+/// compares); a comma-separated list of [`Kernels`] names, each with a leading `-`
+/// (`-embedding,-attention`), turns off only those, so a GPU check can find the one that
+/// disagrees and keep the rest. Unset, or `1`: all on.
 pub const CUDA_KERNELS_VAR: &str = "FERROTUNE_CUDA_KERNELS";
 
 /// A test aid: `1` sends f32 work on the CPU down the GPU paths too (their ops' CPU forwards
@@ -30,18 +33,104 @@ pub const CUDA_KERNELS_VAR: &str = "FERROTUNE_CUDA_KERNELS";
 /// included (tests/cli/training.rs). f32 only, and slower; not for real runs.
 pub const GPU_PATHS_ON_CPU_VAR: &str = "FERROTUNE_GPU_PATHS_ON_CPU";
 
-/// Whether work on `device` goes through ferrotune's own CUDA kernels: a GPU in a `cuda` build,
-/// unless `FERROTUNE_CUDA_KERNELS=0` (or, for tests, the CPU under [`GPU_PATHS_ON_CPU_VAR`]).
-pub fn own_cuda_kernels(device: &Device) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+/// The groups of ferrotune's own CUDA kernels, each a place where the model takes them instead
+/// of candle's composed ops; [`CUDA_KERNELS_VAR`] turns them off by these names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// The attention softmax of the composed attention (`softmax`).
+    Softmax,
+    /// Training attention that keeps no [B, H, T, S] tensor, its softmax included (`attention`).
+    Attention,
+    /// The next-token log-probability (`logprob`).
+    Logprob,
+    /// RMSNorm (`rms_norm`).
+    RmsNorm,
+    /// SwiGLU (`swiglu`).
+    Swiglu,
+    /// The rotary embedding (`rope`).
+    Rope,
+    /// The in-place AdamW update (`adamw`).
+    Adamw,
+    /// Greedy decoding's argmax (`argmax`).
+    Argmax,
+    /// The embedding lookup's backward (`embedding`).
+    Embedding,
+}
+
+impl Kernels {
+    pub const ALL: [Kernels; 9] = [
+        Kernels::Softmax,
+        Kernels::Attention,
+        Kernels::Logprob,
+        Kernels::RmsNorm,
+        Kernels::Swiglu,
+        Kernels::Rope,
+        Kernels::Adamw,
+        Kernels::Argmax,
+        Kernels::Embedding,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Softmax => "softmax",
+            Kernels::Attention => "attention",
+            Kernels::Logprob => "logprob",
+            Kernels::RmsNorm => "rms_norm",
+            Kernels::Swiglu => "swiglu",
+            Kernels::Rope => "rope",
+            Kernels::Adamw => "adamw",
+            Kernels::Argmax => "argmax",
+            Kernels::Embedding => "embedding",
+        }
+    }
+}
+
+/// The kernel groups a [`CUDA_KERNELS_VAR`] value leaves on, or what is wrong with it.
+pub fn kernels_on(value: Option<&str>) -> Result<Vec<Kernels>> {
+    let value = value.map(str::trim).unwrap_or("");
+    match value {
+        "" | "1" => return Ok(Kernels::ALL.to_vec()),
+        "0" => return Ok(Vec::new()),
+        _ => {}
+    }
+    let mut on = Kernels::ALL.to_vec();
+    for item in value.split(',').map(str::trim) {
+        let known = item
+            .strip_prefix('-')
+            .and_then(|name| Kernels::ALL.into_iter().find(|k| k.name() == name));
+        let Some(off) = known else {
+            let names: Vec<&str> = Kernels::ALL.iter().map(|k| k.name()).collect();
+            return Err(Error::invalid(format!(
+                "{CUDA_KERNELS_VAR}={value}: `{item}` is not `-NAME` with NAME one of {}; \
+                 use 0 (all off), 1 (all on) or a list such as -embedding,-attention",
+                names.join(", ")
+            )));
+        };
+        on.retain(|&k| k != off);
+    }
+    Ok(on)
+}
+
+/// This process's kernel groups from [`CUDA_KERNELS_VAR`] (a bad value is reported by
+/// [`select`], and leaves every group off here).
+fn kernels_setting() -> &'static [Kernels] {
+    static ON: std::sync::OnceLock<Vec<Kernels>> = std::sync::OnceLock::new();
+    ON.get_or_init(|| {
+        kernels_on(std::env::var(CUDA_KERNELS_VAR).ok().as_deref()).unwrap_or_default()
+    })
+}
+
+/// Whether work on `device` goes through ferrotune's own CUDA kernels of `group`: a GPU in a
+/// `cuda` build, unless [`CUDA_KERNELS_VAR`] turns them off (or, for tests, the CPU under
+/// [`GPU_PATHS_ON_CPU_VAR`]).
+pub fn own_cuda_kernels(device: &Device, group: Kernels) -> bool {
     static CPU: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on_gpu = cfg!(feature = "cuda")
-        && device.is_cuda()
-        && *ON.get_or_init(|| std::env::var(CUDA_KERNELS_VAR).map_or(true, |v| v.trim() != "0"));
-    on_gpu
+    let place = (cfg!(feature = "cuda") && device.is_cuda())
         || (device.is_cpu()
-            && *CPU
-                .get_or_init(|| std::env::var(GPU_PATHS_ON_CPU_VAR).is_ok_and(|v| v.trim() == "1")))
+            && *CPU.get_or_init(|| {
+                std::env::var(GPU_PATHS_ON_CPU_VAR).is_ok_and(|v| v.trim() == "1")
+            }));
+    place && kernels_setting().contains(&group)
 }
 
 /// The element types cuda/kernels.cu has kernels for (f32 math over f32 or bf16 storage).
@@ -49,14 +138,15 @@ pub fn kernel_dtype(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::BF16)
 }
 
-/// Whether `t` goes through ferrotune's own CUDA kernels: its device does
+/// Whether `t` goes through ferrotune's own CUDA kernels of `group`: its device does
 /// ([`own_cuda_kernels`]), the kernels have its type, and it is not empty.
-pub fn own_kernels_for(t: &Tensor) -> bool {
-    own_cuda_kernels(t.device()) && kernel_dtype(t.dtype()) && t.elem_count() > 0
+pub fn own_kernels_for(t: &Tensor, group: Kernels) -> bool {
+    own_cuda_kernels(t.device(), group) && kernel_dtype(t.dtype()) && t.elem_count() > 0
 }
 
 /// The device named by `FERROTUNE_DEVICE`, or the local rank's GPU, or the CPU.
 pub fn select() -> Result<Device> {
+    kernels_on(std::env::var(CUDA_KERNELS_VAR).ok().as_deref())?;
     open(this_process(crate::dist::world().local_rank())?)
 }
 
@@ -149,6 +239,28 @@ fn keep_freed_memory(device: &Device) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_groups_turn_off_by_name() {
+        assert_eq!(kernels_on(None).unwrap(), Kernels::ALL);
+        assert_eq!(kernels_on(Some(" 1 ")).unwrap(), Kernels::ALL);
+        assert!(kernels_on(Some("0")).unwrap().is_empty());
+        let on = kernels_on(Some("-embedding, -attention")).unwrap();
+        assert_eq!(on.len(), Kernels::ALL.len() - 2);
+        assert!(!on.contains(&Kernels::Embedding) && !on.contains(&Kernels::Attention));
+        assert!(on.contains(&Kernels::RmsNorm));
+        for name in Kernels::ALL.map(Kernels::name) {
+            let on = kernels_on(Some(&format!("-{name}"))).unwrap();
+            assert_eq!(on.len(), Kernels::ALL.len() - 1, "{name}");
+        }
+        for bad in ["embedding", "-embeddings", "-embedding,,-rope", "off"] {
+            let e = kernels_on(Some(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(CUDA_KERNELS_VAR) && e.contains("rms_norm"),
+                "{bad}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn names() {

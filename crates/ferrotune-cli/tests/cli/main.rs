@@ -246,3 +246,25 @@ fn data_inspect_reports_schema_rows_and_lengths() {
     assert!(!broken.status.success());
     assert!(String::from_utf8_lossy(&broken.stderr).contains("gzip.parquet"));
 }
+
+/// A misspelt kernel switch is a clear error before any work, not a silent run with the kernels
+/// on (the GPU check relies on it to turn groups off).
+#[test]
+fn a_bad_kernel_switch_is_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text_file = tmp.path().join("text.txt");
+    std::fs::write(&text_file, "hello").unwrap();
+    let model = fixtures().join("qwen2-tiny");
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(["score", "--model", model.to_str().unwrap()])
+        .args(["--text-file", text_file.to_str().unwrap(), "--json"])
+        .env("FERROTUNE_CUDA_KERNELS", "-rope,-embeddings")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FERROTUNE_CUDA_KERNELS") && err.contains("-embeddings"),
+        "{err}"
+    );
+}

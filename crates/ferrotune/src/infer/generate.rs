@@ -181,7 +181,7 @@ fn generate_group(
     let params = &options.params;
     // Greedy rows need only each row's argmax: on a GPU it is taken there, so the ids cross to
     // the host instead of [rows, vocab] logits (the same first-maximum rule as `sample`).
-    let greedy_on_device = crate::device::own_cuda_kernels(&device)
+    let greedy_on_device = crate::device::own_cuda_kernels(&device, crate::device::Kernels::Argmax)
         && params.temperature <= 0.0
         && options.capture_after_stop.is_none();
     let read = |logits: Tensor| -> Result<Next> {

@@ -76,7 +76,7 @@ pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
     if n == 0 {
         return Ok(Vec::new());
     }
-    if crate::device::own_kernels_for(logits) {
+    if crate::device::own_kernels_for(logits, crate::device::Kernels::Argmax) {
         let ids = logits
             .contiguous()?
             .apply_op1_no_bwd(&ArgmaxRows { cols: v })?;

@@ -32,6 +32,7 @@ use super::kv_cache::KvCache;
 use super::ops;
 use super::params::parameter_specs;
 use super::rope::Rope;
+use crate::device::Kernels;
 use crate::error::{Error, Result};
 
 /// A large negative additive bias for masked attention scores. Finite (not -inf) so that a
@@ -295,7 +296,7 @@ impl Decoder {
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        if crate::device::own_kernels_for(&self.embed_tokens) {
+        if crate::device::own_kernels_for(&self.embed_tokens, Kernels::Embedding) {
             // On a GPU: a backward that is parallel and deterministic (see embedding_gpu). The
             // ids come to the host once, to check them and to group positions by token.
             let host = flat.to_dtype(DType::U32)?.to_vec1::<u32>()?;
@@ -569,7 +570,7 @@ impl Decoder {
         let s = k.dim(2)?;
         let scale = 1.0 / (d as f64).sqrt();
         if !fused
-            && crate::device::own_cuda_kernels(q.device())
+            && crate::device::own_cuda_kernels(q.device(), Kernels::Attention)
             && attention_gpu::fits(q, k, v, mask)
         {
             // Training on a GPU: no [B, H, T, S] tensor kept per layer for the backward.

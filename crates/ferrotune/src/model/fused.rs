@@ -755,7 +755,9 @@ impl CustomOp2 for RmsNorm {
 /// `w`: one fused kernel each way on the CPU in f32, cuda/kernels.cu's on a GPU
 /// ([`super::rms_norm_gpu`]), the composed ops elsewhere.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::device::own_cuda_kernels(x.device()) && super::rms_norm_gpu::fits(x, weight) {
+    if crate::device::own_cuda_kernels(x.device(), crate::device::Kernels::RmsNorm)
+        && super::rms_norm_gpu::fits(x, weight)
+    {
         return super::rms_norm_gpu::rms_norm(x, weight, eps);
     }
     if !x.device().is_cpu() || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {

@@ -165,7 +165,8 @@ impl CustomOp3 for Rotary {
 /// cuda/kernels.cu's on a GPU ([`super::elementwise_gpu`]), and the composed op elsewhere or for
 /// tables of any other shape.
 pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::device::own_cuda_kernels(x.device()) && super::elementwise_gpu::rope_fits(x, cos, sin)
+    if crate::device::own_cuda_kernels(x.device(), crate::device::Kernels::Rope)
+        && super::elementwise_gpu::rope_fits(x, cos, sin)
     {
         return super::elementwise_gpu::rope(x, cos, sin);
     }

@@ -248,7 +248,7 @@ fn kernels_take(t: &Tensor) -> bool {
     if t.device().is_cpu() {
         t.dtype() == DType::F32
     } else {
-        t.device().is_cuda() && crate::device::own_kernels_for(t)
+        t.device().is_cuda() && crate::device::own_kernels_for(t, crate::device::Kernels::Softmax)
     }
 }
 

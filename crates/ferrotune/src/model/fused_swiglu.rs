@@ -123,7 +123,7 @@ impl CustomOp2 for Swiglu {
 /// [`ops::swiglu`] elsewhere. With `bf16` (the decoder
 /// under bf16 autocast) the sigmoids' exps go through [`fast_exp`].
 pub fn swiglu(gate: &Tensor, up: &Tensor, bf16: bool) -> Result<Tensor> {
-    if crate::device::own_cuda_kernels(gate.device())
+    if crate::device::own_cuda_kernels(gate.device(), crate::device::Kernels::Swiglu)
         && super::elementwise_gpu::swiglu_fits(gate, up)
     {
         return super::elementwise_gpu::swiglu(gate, up);

@@ -20,7 +20,7 @@ use crate::model::ops::log_softmax_last_dim;
 /// On a GPU this is one op each way ([`crate::model::token_logprob`]); elsewhere the composed
 /// ops of [`token_logprobs_composed`].
 pub fn token_logprobs(logits: &Tensor, input_ids: &Tensor) -> Result<Tensor> {
-    if crate::device::own_kernels_for(logits) {
+    if crate::device::own_kernels_for(logits, crate::device::Kernels::Logprob) {
         return crate::model::token_logprob::token_logprobs(logits, input_ids);
     }
     token_logprobs_composed(logits, input_ids)

@@ -158,7 +158,8 @@ impl AdamW {
 /// storage, so an alias would be an error, never a wrong update.
 fn in_place(var: &Var, g: &Tensor, m: &Tensor, v: &Tensor) -> bool {
     let device = var.device();
-    let kernels = device.is_cpu() || crate::device::own_cuda_kernels(device);
+    let kernels =
+        device.is_cpu() || crate::device::own_cuda_kernels(device, crate::device::Kernels::Adamw);
     kernels
         && [var.as_tensor(), g, m, v].iter().all(|t| {
             t.device().same_device(device)
