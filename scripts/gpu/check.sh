@@ -2,7 +2,8 @@
 # The GPU check, in one call on the GPU machine (NVIDIA driver, CUDA 13, PyTorch + transformers,
 # no Rust, no internet), from the repository root, with target/gpu/ built by scripts/gpu/build.sh:
 #   1. CUDA logits against CPU logits on the fixture models (same binary, FERROTUNE_DEVICE);
-#   1b. CUDA training steps (SFT and DPO, f32 and bf16) against CPU ones: gradients, updates
+#   1b. greedy decoding on CUDA against the CPU (reported, not a gate);
+#   1c. CUDA training steps (SFT and DPO, f32 and bf16) against CPU ones: gradients, updates
 #      and ferrotune's own CUDA kernels (cuda/kernels.cu), and if those disagree, which group of
 #      them does (the benchmarks then run without it);
 #   2. the bf16 matmul peak that MFU is measured against;
@@ -62,7 +63,34 @@ print(json.dumps(out))
 json.dump(out, open(os.path.join(d, "parity.json"), "w"))
 PYEOF
 
-echo "== 1b. CUDA vs CPU training steps (gradients, the CUDA kernels of cuda/kernels.cu, AdamW)"
+echo "== 1b. greedy decoding, CUDA vs CPU (the argmax kernel, the KV cache, batched prompts)"
+# Reported, not a gate: a random model's near-tied logits may rightly pick differently.
+printf '%s\n' '{"prompt": "The capital of France is"}' '{"prompt": "1 2 3 4"}' \
+  '{"prompt": "Once upon a time there was a"}' '{"prompt": "def add(a, b):"}' '{"prompt": "x"}' \
+  >"$results/prompts.jsonl"
+for dev in cpu cuda; do
+  FERROTUNE_DEVICE=$dev timeout $(cap 30 220) $BIN generate --model tests/fixtures/qwen2-tiny \
+    --prompts "$results/prompts.jsonl" --out "$results/greedy-$dev.jsonl" --max-new-tokens 24 \
+    --temperature 0 --batch-size 4 >"$results/greedy-$dev.log" 2>&1 \
+    || { echo "greedy $dev failed:"; tail -3 "$results/greedy-$dev.log"; }
+done
+$PY - "$results" <<'PYEOF'
+import json, sys, os
+d = sys.argv[1]
+def rows(dev):
+    try:
+        return [json.loads(l) for l in open(os.path.join(d, f"greedy-{dev}.jsonl"))]
+    except Exception:
+        return None
+cpu, gpu = rows("cpu"), rows("cuda")
+out = {"ok": bool(cpu and gpu) and [r["completion"] for r in cpu] == [r["completion"] for r in gpu],
+       "rows": len(gpu or []),
+       "same_rows": sum(a["completion"] == b["completion"] for a, b in zip(cpu or [], gpu or []))}
+print(json.dumps(out))
+json.dump(out, open(os.path.join(d, "greedy.json"), "w"))
+PYEOF
+
+echo "== 1c. CUDA vs CPU training steps (gradients, the CUDA kernels of cuda/kernels.cu, AdamW)"
 # Same random model, data and seed everywhere (scripts/gpu/train_parity.py compares them). The
 # CPU runs its own fused kernels, so this compares independent implementations: CUDA f32 with our
 # kernels, and with candle's composed ops only (FERROTUNE_CUDA_KERNELS=0), each against the CPU
@@ -119,7 +147,7 @@ echo "== 3. SFT step, Qwen2.5-0.5B shape, seq $SEQ"
 MODEL=/tmp/ferrotune-qwen05
 [ -d $MODEL ] || $BIN init-model --config scripts/bench/configs/qwen05.json \
   --tokenizer tests/fixtures/tokenizer --out $MODEL --seed 0 --dtype f32 >/dev/null
-# FERROTUNE_CUDA_KERNELS is what 1b left: unset (all our kernels), or without the groups that
+# FERROTUNE_CUDA_KERNELS is what 1c left: unset (all our kernels), or without the groups that
 # disagreed with the CPU (also for decoding); the summary says which.
 for b in ${FERROTUNE_BATCHES:-8 4 2 1}; do
   if timeout $(cap 90 110) $BIN bench train --model $MODEL --batch-size $b --seq-len $SEQ --steps 3 \
@@ -153,7 +181,7 @@ def load(name):
         return json.load(open(os.path.join(d, name)))
     except Exception as e:
         return {"error": str(e)}
-r = {k: load(k + ".json") for k in ["parity", "train-parity", "peak", "ferrotune-train",
+r = {k: load(k + ".json") for k in ["parity", "greedy", "train-parity", "peak", "ferrotune-train",
                                       "ferrotune-train-composed", "torch-train",
                                       "ferrotune-decode", "torch-decode"]}
 peak = r["peak"].get("bf16_matmul_tflops")
@@ -187,6 +215,7 @@ print(json.dumps({"device": r["peak"].get("device"), "peak_tflops": peak,
                   "ferrotune_decode_tok_s": r["ferrotune-decode"].get("tokens_per_s"),
                   "torch_decode_tok_s": r["torch-decode"].get("tokens_per_s"),
                   "decode_ratio": r["decode_ratio"], "check_seconds": r["seconds"],
+                  "greedy_same": r["greedy"].get("ok"),
                   "parity_ok": all(v.get("ok") for v in r["parity"].values()) if "error" not in r["parity"] else False,
                   "train_parity": {k: v.get("ok") if isinstance(v, dict) else v
                                    for k, v in r["train-parity"].items()}}))

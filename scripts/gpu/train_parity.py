@@ -1,4 +1,4 @@
-"""CUDA training steps against the CPU's, for scripts/gpu/check.sh (section 1b).
+"""CUDA training steps against the CPU's, for scripts/gpu/check.sh (section 1c).
 
 Each run directory under RESULTS holds the metrics.jsonl of 4 SFT or DPO steps of the same
 random model, data and seed: step 1's loss checks the forward, its gradient norm the backward,
