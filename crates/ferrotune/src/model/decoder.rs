@@ -574,7 +574,8 @@ impl Decoder {
             && attention_gpu::fits(q, k, v, mask)
         {
             // Training on a GPU: no [B, H, T, S] tensor kept per layer for the backward.
-            let out = attention_gpu::attention(q, k, v, mask, scale)?;
+            // The whole-sequence pass's mask is causal (`forward_hidden`).
+            let out = attention_gpu::attention(q, k, v, mask, scale, true)?;
             return Ok(out.transpose(1, 2)?.reshape((b, t, h * d))?);
         }
         let q = q.contiguous()?.reshape((b, kv, groups * t, d))?;
