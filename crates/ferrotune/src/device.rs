@@ -39,7 +39,8 @@ pub const GPU_PATHS_ON_CPU_VAR: &str = "FERROTUNE_GPU_PATHS_ON_CPU";
 pub enum Kernels {
     /// The attention softmax of the composed attention (`softmax`).
     Softmax,
-    /// Training attention that keeps no [B, H, T, S] tensor, its softmax included (`attention`).
+    /// Training attention that keeps no [B, H, T, S] tensor, in causal blocks (`attention`; its
+    /// softmax is the `softmax` group's kernel).
     Attention,
     /// The next-token log-probability (`logprob`).
     Logprob,

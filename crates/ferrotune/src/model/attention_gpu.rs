@@ -103,16 +103,9 @@ fn attention_in_blocks(
             keys: s,
         }],
     };
+    // One mask for all blocks: each block reads its part as a view (a copy of a block's part
+    // kept per layer would be 10/16 of the mask per layer, gigabytes over a deep model).
     let mask = mask.to_dtype(q.dtype())?.detach();
-    let masks = blocks
-        .iter()
-        .map(|bl| {
-            let m = mask
-                .narrow(2, bl.first, bl.queries)?
-                .narrow(3, 0, bl.keys)?;
-            Ok(m.contiguous()?)
-        })
-        .collect::<Result<Vec<_>>>()?;
     // Each query head reads its own copy of its KV head's keys and values ([B, H, S, D], as
     // transformers' `repeat_kv`), so one batched product covers every head of a block; candle's
     // broadcast sums the copies' gradients back onto the KV heads.
@@ -124,7 +117,7 @@ fn attention_in_blocks(
         Ok(x.contiguous()?.reshape((b, h, s, d))?)
     };
     let op = Attention {
-        masks,
+        mask,
         blocks,
         scale,
         dims: Dims {
@@ -156,8 +149,8 @@ struct Block {
 }
 
 struct Attention {
-    /// The mask's [B, 1, queries, keys] part for each block, contiguous.
-    masks: Vec<Tensor>,
+    /// [B, 1, T, S], in the scores' type.
+    mask: Tensor,
     blocks: Vec<Block>,
     scale: f64,
     dims: Dims,
@@ -169,6 +162,13 @@ fn wrap(storage: Storage, shape: impl Into<Shape>) -> Tensor {
 }
 
 impl Attention {
+    /// The mask's [B, 1, queries, keys] part for a block, as a view.
+    fn block_mask(&self, bl: &Block) -> candle_core::Result<Tensor> {
+        self.mask
+            .narrow(2, bl.first, bl.queries)?
+            .narrow(3, 0, bl.keys)
+    }
+
     /// The forward on any backend, block by block: `S = Q·Kᵀ`, `P = masked softmax(S)`,
     /// `O = P·V`, each block's rows of O copied into place, with `into` and `from` moving the
     /// backend's storage in and out of candle's `Storage`.
@@ -194,8 +194,9 @@ impl Attention {
         let n = batch * heads;
         let shape = Shape::from((batch, heads, t, d));
         let mut out = None;
-        for (bl, mask) in self.blocks.iter().zip(&self.masks) {
+        for bl in &self.blocks {
             let (rows, keys) = (bl.queries, bl.keys);
+            let mask = self.block_mask(bl)?;
             let lq = Layout::new(
                 Shape::from((n, rows, d)),
                 vec![t * d, d, 1],
@@ -214,7 +215,7 @@ impl Attention {
             );
             let scores = q.matmul(k, (n, rows, keys, d), &lq, &lk)?;
             let scores = wrap(into(scores), (batch, heads, rows, keys));
-            let probs = fused_softmax::masked_softmax_values(&scores, mask, self.scale)
+            let probs = fused_softmax::masked_softmax_values(&scores, &mask, self.scale)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
             drop(scores);
             let (storage, pl) = probs.storage_and_layout();
@@ -310,14 +311,15 @@ impl CustomOp3 for Attention {
             None
         };
         let (mut dq_parts, mut dk_one, mut dv_one) = (Vec::new(), None, None);
-        for (bl, mask) in self.blocks.iter().zip(&self.masks) {
+        for bl in &self.blocks {
             let (rows, seen) = (bl.queries, bl.keys);
+            let mask = self.block_mask(bl)?;
             let qb = q.narrow(1, bl.first, rows)?;
             let gb = g.narrow(1, bl.first, rows)?;
             let (kb, vb) = (k.narrow(1, 0, seen)?, v.narrow(1, 0, seen)?);
             let scores = qb.matmul(&kb.t()?)?.reshape((batch, heads, rows, seen))?;
             let probs =
-                fused_softmax::masked_softmax_values(&scores, mask, self.scale).map_err(msg)?;
+                fused_softmax::masked_softmax_values(&scores, &mask, self.scale).map_err(msg)?;
             drop(scores);
             let p = probs.reshape((n, rows, seen))?;
             let dv = p.t()?.matmul(&gb)?;
