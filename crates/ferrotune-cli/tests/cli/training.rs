@@ -89,6 +89,8 @@ fn the_gpu_paths_train_as_the_cpu_path_does() {
                 ])
                 .args(["--precision", "f32", "--lr", "1e-3", "--seed", "0"])
                 .env("FERROTUNE_GPU_PATHS_ON_CPU", gpu_paths)
+                // Blocks of 16 queries: the causal blocks of the GPU attention, not one square.
+                .env("FERROTUNE_ATTENTION_BLOCK", "16")
                 .env("RUST_LOG", "warn")
                 .output()
                 .unwrap();

@@ -48,6 +48,22 @@ pub fn fits(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
 /// large and the launches few.
 pub const QUERY_BLOCK: usize = 512;
 
+/// Overrides [`QUERY_BLOCK`] (a positive count of queries): short test sequences then take the
+/// blocked path too (the GPU check's training runs, the CLI test of the GPU paths).
+pub const QUERY_BLOCK_VAR: &str = "FERROTUNE_ATTENTION_BLOCK";
+
+/// [`QUERY_BLOCK`], or [`QUERY_BLOCK_VAR`] where it holds a positive number.
+fn query_block() -> usize {
+    static BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BLOCK.get_or_init(|| {
+        std::env::var(QUERY_BLOCK_VAR)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .filter(|&n: &usize| n > 0)
+            .unwrap_or(QUERY_BLOCK)
+    })
+}
+
 /// `softmax(scale · Q·Kᵀ + mask) · V` per query head (see [`fits`]): [B, H, T, D]. With
 /// `causal` the caller promises that the mask hides every key after its query (the decoder's
 /// training mask): then, for T = S above [`QUERY_BLOCK`], each block of queries multiplies only
@@ -62,7 +78,7 @@ pub fn attention(
     scale: f64,
     causal: bool,
 ) -> Result<Tensor> {
-    attention_in_blocks(q, k, v, mask, scale, causal.then_some(QUERY_BLOCK))
+    attention_in_blocks(q, k, v, mask, scale, causal.then(query_block))
 }
 
 /// [`attention`] with causal blocks of `block` queries (`None`: one block, all keys).
@@ -444,7 +460,7 @@ mod tests {
         let want = composed(qt, kt, vt, &m, scale);
         assert!(max_abs_diff(&got, &want) < 1e-5);
         assert_same_gradients(&got, &want, &[&q, &k4, &v4], 77, 1e-5, Some(1e-2));
-        // The decoder's causal entry point keeps one block below QUERY_BLOCK positions.
+        // The decoder's causal entry point keeps one block below its block size.
         let one = attention(qt, kt, vt, &m, scale, true).unwrap();
         assert!(max_abs_diff(&one, &want) < 1e-5);
     }
