@@ -165,7 +165,11 @@ fn main() {
         Command::Bench(c) => commands::bench::run(c),
     };
     if let Err(e) = result {
-        eprintln!("{}error: {e:#}", world.log_prefix());
+        // One write for the whole line: stderr is unbuffered, so `eprintln!` writes the prefix
+        // and the message separately, and under MPI the launcher's abort banner can land
+        // between them.
+        let line = format!("{}error: {e:#}\n", world.log_prefix());
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
         // In a multi-process job this aborts every rank (none waits for this one).
         world_guard.fail(1);
     }
