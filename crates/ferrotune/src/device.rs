@@ -56,10 +56,12 @@ pub enum Kernels {
     Argmax,
     /// The embedding lookup's backward (`embedding`).
     Embedding,
+    /// A decoding step's joint q/k/v product and one-kernel attention softmax (`decode`).
+    Decode,
 }
 
 impl Kernels {
-    pub const ALL: [Kernels; 9] = [
+    pub const ALL: [Kernels; 10] = [
         Kernels::Softmax,
         Kernels::Attention,
         Kernels::Logprob,
@@ -69,6 +71,7 @@ impl Kernels {
         Kernels::Adamw,
         Kernels::Argmax,
         Kernels::Embedding,
+        Kernels::Decode,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +85,7 @@ impl Kernels {
             Kernels::Adamw => "adamw",
             Kernels::Argmax => "argmax",
             Kernels::Embedding => "embedding",
+            Kernels::Decode => "decode",
         }
     }
 }

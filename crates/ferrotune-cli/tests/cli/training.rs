@@ -36,6 +36,16 @@ fn train_losses(run: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// Runs `command` and asserts that it succeeded (its stderr otherwise).
+fn ran(command: &mut Command) {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn run_ok(args: &[&str]) -> serde_json::Value {
     stdout_json(&ferrotune(args))
 }
@@ -74,7 +84,8 @@ fn the_gpu_paths_train_as_the_cpu_path_does() {
         for gpu_paths in ["0", "1"] {
             let out = tmp.path().join(format!("{objective}-{gpu_paths}"));
             let data = fixtures().join("data").join(data);
-            let status = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            let mut command = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+            command
                 .args([objective, "--model", model.to_str().unwrap(), "--data"])
                 .arg(&data)
                 .arg("--output-dir")
@@ -91,14 +102,8 @@ fn the_gpu_paths_train_as_the_cpu_path_does() {
                 .env("FERROTUNE_GPU_PATHS_ON_CPU", gpu_paths)
                 // Blocks of 16 queries: the causal blocks of the GPU attention, not one square.
                 .env("FERROTUNE_ATTENTION_BLOCK", "16")
-                .env("RUST_LOG", "warn")
-                .output()
-                .unwrap();
-            assert!(
-                status.status.success(),
-                "{}",
-                String::from_utf8_lossy(&status.stderr)
-            );
+                .env("RUST_LOG", "warn");
+            ran(&mut command);
             runs.push(out);
         }
         let rows = |run: &Path| -> Vec<(f64, f64)> {
@@ -125,6 +130,50 @@ fn the_gpu_paths_train_as_the_cpu_path_does() {
                 );
             }
         }
+    }
+}
+
+/// Greedy decoding down the GPU paths (the joint q/k/v product, the one-kernel softmax and
+/// the embedding op, run on the CPU) writes the CPU path's completions, with and without q/k/v
+/// biases, batched with padded prompts.
+#[test]
+fn the_gpu_paths_decode_as_the_cpu_path_does() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = tmp.path().join("prompts.jsonl");
+    let rows = [
+        "The capital of France is",
+        "1 2 3 4",
+        "Once upon a time there was a",
+        "def add(a, b):",
+        "x",
+    ];
+    let text: String = rows
+        .iter()
+        .map(|p| format!("{}\n", serde_json::json!({ "prompt": p })))
+        .collect();
+    std::fs::write(&prompts, text).unwrap();
+    for model in ["llama-tiny", "qwen2-tiny"] {
+        let mut outputs = Vec::new();
+        for gpu_paths in ["0", "1"] {
+            let out = tmp.path().join(format!("{model}-{gpu_paths}.jsonl"));
+            let mut command = Command::new(env!("CARGO_BIN_EXE_ferrotune"));
+            command
+                .arg("generate")
+                .arg("--model")
+                .arg(fixtures().join(model))
+                .arg("--prompts")
+                .arg(&prompts)
+                .arg("--out")
+                .arg(&out)
+                .args(["--max-new-tokens", "24", "--temperature", "0"])
+                .args(["--batch-size", "4"])
+                .env("FERROTUNE_GPU_PATHS_ON_CPU", gpu_paths)
+                .env("RUST_LOG", "warn");
+            ran(&mut command);
+            outputs.push(std::fs::read_to_string(&out).unwrap());
+        }
+        assert_eq!(outputs[0].lines().count(), rows.len(), "{model}");
+        assert_eq!(outputs[0], outputs[1], "{model}");
     }
 }
 

@@ -64,6 +64,29 @@ struct Attention {
     k: Proj,
     v: Proj,
     o: Proj,
+    /// q, k and v's weights (and biases) as one, for decoding steps off the CPU
+    /// ([`Decoder::qkv_joint`]), made on first use; `None` where only some have a bias.
+    joint: OnceLock<Option<(Tensor, Option<Tensor>)>>,
+}
+
+impl Attention {
+    fn joint(&self) -> Result<Option<&(Tensor, Option<Tensor>)>> {
+        if self.joint.get().is_none() {
+            let (q, k, v) = (&self.q, &self.k, &self.v);
+            let bias = match (&q.bias, &k.bias, &v.bias) {
+                (Some(bq), Some(bk), Some(bv)) => Some(Some(Tensor::cat(&[bq, bk, bv], 0)?)),
+                (None, None, None) => Some(None),
+                _ => None,
+            };
+            let joint = match bias {
+                Some(bias) => Some((Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?, bias)),
+                None => None,
+            };
+            // A racing first use made the same tensors; either is kept.
+            let _ = self.joint.set(joint);
+        }
+        Ok(self.joint.get().and_then(Option::as_ref))
+    }
 }
 
 struct Mlp {
@@ -168,6 +191,7 @@ impl Decoder {
                     k: proj(&format!("{p}.self_attn.k_proj"))?,
                     v: proj(&format!("{p}.self_attn.v_proj"))?,
                     o: proj(&format!("{p}.self_attn.o_proj"))?,
+                    joint: OnceLock::new(),
                 },
                 post_attention_norm: get(&format!("{p}.post_attention_layernorm.weight"))?,
                 mlp: Mlp {
@@ -509,6 +533,12 @@ impl Decoder {
         sin: &Tensor,
         step: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let on_gpu_path = crate::device::own_cuda_kernels(x.device(), Kernels::Decode);
+        if step && !self.bf16_linears && on_gpu_path {
+            if let Some((w, bias)) = a.joint()? {
+                return self.qkv_joint(x, w, bias.as_ref(), cos, sin);
+            }
+        }
         let (b, t, _) = x.dims3()?;
         let c = &self.config;
         let heads = |p: &Proj, n: usize| -> Result<Tensor> {
@@ -521,6 +551,30 @@ impl Decoder {
         let q = fused_rope::apply_rotary(&heads(&a.q, c.num_attention_heads)?, cos, sin)?;
         let k = fused_rope::apply_rotary(&heads(&a.k, c.num_key_value_heads)?, cos, sin)?;
         let v = heads(&a.v, c.num_key_value_heads)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// [`Decoder::qkv`] as one product on the joint weights, the heads read as views of its
+    /// output: a decoding step on a GPU is a few rows per product, so its time is the launches
+    /// (one product and one bias add here, where three of each were).
+    fn qkv_joint(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let c = &self.config;
+        let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
+        let y = ops::linear(x, weight, bias)?.reshape((b, t, h + 2 * kv, c.head_dim))?;
+        let heads = |first: usize, n: usize| -> Result<Tensor> {
+            Ok(y.narrow(2, first, n)?.transpose(1, 2)?)
+        };
+        let q = fused_rope::apply_rotary(&heads(0, h)?, cos, sin)?;
+        let k = fused_rope::apply_rotary(&heads(h, kv)?, cos, sin)?;
+        let v = heads(h + kv, kv)?.contiguous()?;
         Ok((q, k, v))
     }
 
@@ -586,7 +640,10 @@ impl Decoder {
             q.matmul(&k.t()?)?
         };
         let scores = scores.reshape((b, h, t, s))?;
-        let probs = if fused {
+        let probs = if fused && crate::device::own_cuda_kernels(scores.device(), Kernels::Decode) {
+            // A decoding step on a GPU: scale, mask and softmax in one kernel, not three.
+            fused_softmax::masked_softmax_values(&scores, mask, scale)?
+        } else if fused {
             ops::fast::softmax_last_dim(&(scores * scale)?.broadcast_add(mask)?)?
         } else {
             // Scale, mask and softmax in one differentiable kernel (composed off the CPU).
@@ -748,7 +805,46 @@ pub fn gather_last_token(values: &Tensor, lengths: &[usize]) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_tensors::{max_abs_diff, random};
     use super::*;
+
+    /// A decoding step's joint q/k/v product gives the three projections' heads, rotated,
+    /// biases included (Qwen2's, random here).
+    #[test]
+    fn the_joint_projection_gives_the_three_projections() {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/bench/configs/tiny.json");
+        let config = ModelConfig::from_file(&path).unwrap();
+        let mut params =
+            super::super::init::random_params(&config, 3, DType::F32, &Device::Cpu).unwrap();
+        for (i, (name, t)) in params.iter_mut().enumerate() {
+            if name.ends_with("_proj.bias") {
+                *t = random(t.dims(), 100 + i as u64, 0.5);
+            }
+        }
+        let decoder = Decoder::from_params(config.clone(), params).unwrap();
+        let (b, t) = (2, 5);
+        let x = random(&[b, t, config.hidden_size], 9, 1.0);
+        let positions = vec![(3..3 + t as u32).collect::<Vec<_>>(); b];
+        let (cos, sin) = decoder
+            .rope
+            .cos_sin(&positions, DType::F32, &Device::Cpu)
+            .unwrap();
+        let a = &decoder.layers[1].attention;
+        let apart = decoder.qkv(a, &x, &cos, &sin, false).unwrap();
+        let (w, bias) = a.joint().unwrap().unwrap();
+        assert!(bias.is_some());
+        let joint = decoder.qkv_joint(&x, w, bias.as_ref(), &cos, &sin).unwrap();
+        for (one, other) in [
+            (&apart.0, &joint.0),
+            (&apart.1, &joint.1),
+            (&apart.2, &joint.2),
+        ] {
+            assert_eq!(one.dims(), other.dims());
+            assert!(max_abs_diff(one, other) < 1e-5);
+        }
+        assert!(joint.2.is_contiguous());
+    }
 
     /// The mask a GPU builds from the keys' flags holds the host's values, bit for bit: causal
     /// over a cache with past keys, padded keys hidden, a row with no real key.
