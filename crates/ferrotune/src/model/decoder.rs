@@ -70,20 +70,24 @@ struct Attention {
 }
 
 impl Attention {
+    /// q, k and v's weights concatenated (their rows stacked) and their biases likewise, or
+    /// `None` where only some projections have a bias.
+    fn concatenated(&self) -> Result<Option<(Tensor, Option<Tensor>)>> {
+        let (q, k, v) = (&self.q, &self.k, &self.v);
+        let bias = match (&q.bias, &k.bias, &v.bias) {
+            (Some(bq), Some(bk), Some(bv)) => Some(Tensor::cat(&[bq, bk, bv], 0)?),
+            (None, None, None) => None,
+            _ => return Ok(None),
+        };
+        let weight = Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?;
+        Ok(Some((weight, bias)))
+    }
+
+    /// [`Attention::concatenated`], made once (decoding steps read the same weights each time).
     fn joint(&self) -> Result<Option<&(Tensor, Option<Tensor>)>> {
         if self.joint.get().is_none() {
-            let (q, k, v) = (&self.q, &self.k, &self.v);
-            let bias = match (&q.bias, &k.bias, &v.bias) {
-                (Some(bq), Some(bk), Some(bv)) => Some(Some(Tensor::cat(&[bq, bk, bv], 0)?)),
-                (None, None, None) => Some(None),
-                _ => None,
-            };
-            let joint = match bias {
-                Some(bias) => Some((Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?, bias)),
-                None => None,
-            };
             // A racing first use made the same tensors; either is kept.
-            let _ = self.joint.set(joint);
+            let _ = self.joint.set(self.concatenated()?);
         }
         Ok(self.joint.get().and_then(Option::as_ref))
     }
@@ -533,8 +537,10 @@ impl Decoder {
         sin: &Tensor,
         step: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let on_gpu_path = crate::device::own_cuda_kernels(x.device(), Kernels::Decode);
-        if step && !self.bf16_linears && on_gpu_path {
+        if step
+            && !self.bf16_linears
+            && crate::device::own_cuda_kernels(x.device(), Kernels::Decode)
+        {
             if let Some((w, bias)) = a.joint()? {
                 return self.qkv_joint(x, w, bias.as_ref(), cos, sin);
             }
@@ -591,12 +597,10 @@ impl Decoder {
         mask: &Tensor,
     ) -> Result<Option<Tensor>> {
         let c = &self.config;
-        let bias = match (&a.q.bias, &a.k.bias, &a.v.bias) {
-            (Some(q), Some(k), Some(v)) => Some(Tensor::cat(&[q, k, v], 0)?),
-            (None, None, None) => None,
-            _ => return Ok(None),
+        // Concatenated afresh in the graph each pass: training needs the weights' gradients.
+        let Some((weight, bias)) = a.concatenated()? else {
+            return Ok(None);
         };
-        let weight = Tensor::cat(&[&a.q.weight, &a.k.weight, &a.v.weight], 0)?;
         let qkv = bf16_linear::linear_bf16(x, &weight, bias.as_ref())?;
         let heads = (c.num_attention_heads, c.num_key_value_heads);
         let scale = 1.0 / (c.head_dim as f64).sqrt();
