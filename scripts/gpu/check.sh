@@ -120,9 +120,10 @@ for obj in sft dpo; do
 done
 $PY scripts/gpu/train_parity.py "$results"
 # If our kernels disagree where candle's composed ops agree, find the kernel group at fault: the
-# first failing objective again with one group off at a time, the newest first (FERROTUNE_CUDA_KERNELS=-NAME,
-# crates/ferrotune/src/device.rs). The benchmarks below then run without the groups whose
-# absence makes it agree (the rest of our kernels still on), checked on the other failing
+# first failing objective again with one group off at a time, the newest first
+# (FERROTUNE_CUDA_KERNELS=-NAME; the training groups of device::Kernels, crates/ferrotune/src/
+# device.rs: argmax and decode only decode). The benchmarks below then run without the groups
+# whose absence makes it agree (the rest of our kernels still on), checked on the other failing
 # objective too; with all of them off (0) when no single group explains it.
 failing=$($PY -c 'import json,sys; print(" ".join(json.load(open(sys.argv[1]))["kernels_failing"]))' \
   "$results/train-parity.json")

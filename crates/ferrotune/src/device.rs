@@ -116,12 +116,13 @@ pub fn kernels_on(value: Option<&str>) -> Result<Vec<Kernels>> {
     Ok(on)
 }
 
-/// This process's kernel groups from [`CUDA_KERNELS_VAR`] (a bad value is reported by
-/// [`select`], and leaves every group off here).
-fn kernels_setting() -> &'static [Kernels] {
-    static ON: std::sync::OnceLock<Vec<Kernels>> = std::sync::OnceLock::new();
+/// This process's [`CUDA_KERNELS_VAR`], read once: the groups it leaves on, or what is wrong
+/// with it ([`select`] reports that; every group is then off).
+fn kernels_setting() -> &'static std::result::Result<Vec<Kernels>, String> {
+    static ON: std::sync::OnceLock<std::result::Result<Vec<Kernels>, String>> =
+        std::sync::OnceLock::new();
     ON.get_or_init(|| {
-        kernels_on(std::env::var(CUDA_KERNELS_VAR).ok().as_deref()).unwrap_or_default()
+        kernels_on(std::env::var(CUDA_KERNELS_VAR).ok().as_deref()).map_err(|e| e.to_string())
     })
 }
 
@@ -135,7 +136,10 @@ pub fn own_cuda_kernels(device: &Device, group: Kernels) -> bool {
             && *CPU.get_or_init(|| {
                 std::env::var(GPU_PATHS_ON_CPU_VAR).is_ok_and(|v| v.trim() == "1")
             }));
-    place && kernels_setting().contains(&group)
+    place
+        && kernels_setting()
+            .as_ref()
+            .is_ok_and(|on| on.contains(&group))
 }
 
 /// The element types cuda/kernels.cu has kernels for (f32 math over f32 or bf16 storage).
@@ -151,7 +155,9 @@ pub fn own_kernels_for(t: &Tensor, group: Kernels) -> bool {
 
 /// The device named by `FERROTUNE_DEVICE`, or the local rank's GPU, or the CPU.
 pub fn select() -> Result<Device> {
-    kernels_on(std::env::var(CUDA_KERNELS_VAR).ok().as_deref())?;
+    if let Err(message) = kernels_setting() {
+        return Err(Error::invalid(message.clone()));
+    }
     open(this_process(crate::dist::world().local_rank())?)
 }
 
